@@ -1,0 +1,163 @@
+"""``Vcpu``: a vCPU file descriptor, its registers and its run loop step."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import signal
+import threading
+from typing import Any
+
+from kvmmem.kvm import exits
+from kvmmem.kvm._fd import FdObject
+from kvmmem.kvm._lib import ffi, lib
+from kvmmem.kvm.cpuid import Cpuid
+from kvmmem.kvm.error import KvmError
+
+KICK_SIGNAL = signal.SIGUSR1
+"""Signal ``Vcpu.kick`` sends to a thread blocked in KVM_RUN."""
+
+
+class Vcpu(FdObject):
+    """One vCPU: registers, CPUID and ``run()``, which issues KVM_RUN with
+    the GIL released and returns a typed exit (see :mod:`kvmmem.kvm.exits`)."""
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        super().__init__(fd)
+        self.id = vcpu_id
+        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._page = ffi.from_buffer(self._map)
+        self.run_struct: Any = ffi.cast("struct kvm_run *", self._page)
+        self._exit_data = lib.kvmmem_run_exit_data(self.run_struct)
+        self._thread_id: int | None = None
+
+    # -- registers -----------------------------------------------------------
+
+    def get_regs(self) -> Any:
+        """KVM_GET_REGS: a ``struct kvm_regs`` (fields rax..r15, rip, rflags)."""
+        regs = ffi.new("struct kvm_regs *")
+        self._ioctl_ptr("KVM_GET_REGS", lib.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        """KVM_SET_REGS."""
+        self._ioctl_ptr("KVM_SET_REGS", lib.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> Any:
+        """KVM_GET_SREGS: segments, descriptor tables, control registers, EFER."""
+        sregs = ffi.new("struct kvm_sregs *")
+        self._ioctl_ptr("KVM_GET_SREGS", lib.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        """KVM_SET_SREGS."""
+        self._ioctl_ptr("KVM_SET_SREGS", lib.KVM_SET_SREGS, sregs)
+
+    def set_cpuid2(self, cpuid: Cpuid) -> None:
+        """KVM_SET_CPUID2: the CPUID table the guest sees."""
+        self._ioctl_ptr("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, cpuid.raw)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the vCPU fd."""
+        ec = ffi.new("struct kvm_enable_cap *")
+        ec.cap, ec.flags = cap, flags
+        for i, value in enumerate(args):
+            ec.args[i] = value
+        self._ioctl_ptr("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, ec)
+
+    # -- running -------------------------------------------------------------
+
+    def run(self) -> exits.VcpuExit:
+        """KVM_RUN until the next exit to userspace, decoded.
+
+        A signal or a kick gives :class:`~kvmmem.kvm.exits.IntrExit`; an
+        EFAULT that KVM explains as a memory fault gives
+        :class:`~kvmmem.kvm.exits.MemoryFaultExit`; other failures raise.
+        """
+        run = self.run_struct
+        run.exit_reason = lib.KVM_EXIT_UNKNOWN
+        self._thread_id = threading.get_ident()
+        self.ioctl_counts["KVM_RUN"] += 1
+        ret = lib.kvmmem_ioctl_int(self._fd, lib.KVM_RUN, 0)
+        if ret < 0:
+            err = ffi.errno
+            if err == errno.EINTR:
+                run.immediate_exit = 0
+                return exits.IntrExit(lib.KVM_EXIT_INTR)
+            if err == errno.EFAULT and run.exit_reason == lib.KVM_EXIT_MEMORY_FAULT:
+                return self._memory_fault()
+            raise KvmError(err, "KVM_RUN", self._closed_detail())
+        return self._decode()
+
+    def kick(self) -> None:
+        """Make a concurrent or the next ``run()`` return :class:`IntrExit`.
+
+        Sets ``immediate_exit`` and signals the thread that last ran this
+        vCPU; the process must have a handler for ``KICK_SIGNAL`` (Python's
+        ``signal.signal``), or the signal's default action applies.
+        """
+        self.run_struct.immediate_exit = 1
+        if self._thread_id is not None:
+            signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Answer the pending IN: the bytes the guest's register receives."""
+        io = self.run_struct.io
+        expected = io.size * io.count
+        if len(data) != expected:
+            raise ValueError(f"IN of {expected} bytes answered with {len(data)}")
+        ffi.memmove(self._page + io.data_offset, data, expected)
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Answer the pending MMIO read with ``len`` bytes of data."""
+        mmio = self.run_struct.mmio
+        if mmio.is_write or len(data) != mmio.len:
+            raise ValueError(f"MMIO read of {mmio.len} bytes answered with {len(data)}")
+        ffi.memmove(mmio.data, data, len(data))
+
+    def _decode(self) -> exits.VcpuExit:
+        run = self.run_struct
+        reason = run.exit_reason
+        if reason == lib.KVM_EXIT_IO:
+            io = run.io
+            is_write = io.direction == lib.KVM_EXIT_IO_OUT
+            data = ffi.buffer(self._page + io.data_offset, io.size * io.count)[:] if is_write else b""
+            return exits.IoExit(reason, io.port, io.size, io.count, is_write, data)
+        if reason == lib.KVM_EXIT_MMIO:
+            m = run.mmio
+            data = ffi.buffer(m.data, m.len)[:] if m.is_write else b""
+            return exits.MmioExit(reason, m.phys_addr, m.len, bool(m.is_write), data)
+        if reason == lib.KVM_EXIT_HLT:
+            return exits.HltExit(reason)
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return exits.ShutdownExit(reason)
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            f = run.fail_entry
+            return exits.FailEntryExit(reason, f.hardware_entry_failure_reason, f.cpu)
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            ie = run.internal
+            return exits.InternalErrorExit(reason, ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]))
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            se = run.system_event
+            return exits.SystemEventExit(reason, se.type, tuple(se.data[0:min(se.ndata, 16)]))
+        if reason == lib.KVM_EXIT_MEMORY_FAULT:
+            return self._memory_fault()
+        if reason == lib.KVM_EXIT_INTR:
+            return exits.IntrExit(reason)
+        return exits.OtherExit(reason, run.hw.hardware_exit_reason)
+
+    def _memory_fault(self) -> exits.MemoryFaultExit:
+        mf = ffi.cast("struct kvmmem_memory_fault *", self._exit_data)
+        return exits.MemoryFaultExit(lib.KVM_EXIT_MEMORY_FAULT, mf.flags, mf.gpa, mf.size)
+
+    def close(self) -> None:
+        """Unmap ``kvm_run`` and close the vCPU fd."""
+        if self._map is not None and not self._map.closed:
+            self.run_struct = None
+            self._exit_data = None
+            ffi.release(self._page)
+            self._map.close()
+        super().close()
+
+
+__all__ = ["Vcpu", "KICK_SIGNAL"]

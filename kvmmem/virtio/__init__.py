@@ -1,0 +1,1 @@
+"""virtio transports: virtio-mmio and split virtqueues."""

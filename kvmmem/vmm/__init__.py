@@ -1,0 +1,1 @@
+"""The VMM around the device: machine set-up, run loop, command line."""

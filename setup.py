@@ -1,0 +1,6 @@
+"""setuptools reads cffi_modules only from setup(); everything else is in
+pyproject.toml."""
+
+from setuptools import setup
+
+setup(cffi_modules=["cdefs/build_kvm.py:ffibuilder"])

@@ -1,0 +1,89 @@
+"""Shared fixtures and the ``kvm`` marker policy.
+
+Tests marked ``kvm`` use the real ``/dev/kvm``. Where it is missing they are
+skipped with the reason, except under ``CI=true`` or ``KVMMEM_REQUIRE_KVM=1``,
+where such a skip would hide untested code and is turned into a failure.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Iterator
+
+import pytest
+
+KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVMMEM_REQUIRE_KVM") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
+
+
+def _kvm_unavailable_reason() -> str | None:
+    try:
+        from kvmmem.kvm import kvm_available
+    except ImportError as exc:
+        return f"kvmmem's KVM bindings cannot be imported: {exc}"
+    return kvm_available()
+
+
+_REASON: list[str | None] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kvm") is None:
+        return
+    if not _REASON:
+        _REASON.append(_kvm_unavailable_reason())
+    reason = _REASON[0]
+    if reason is None:
+        return
+    if KVM_REQUIRED:
+        pytest.fail(f"KVM test cannot run and KVM is required here (CI): {reason}", pytrace=False)
+    pytest.skip(f"no usable KVM: {reason}")
+
+
+@pytest.fixture
+def kvm() -> Iterator["object"]:
+    from kvmmem.kvm import Kvm
+
+    with Kvm() as handle:
+        yield handle
+
+
+@pytest.fixture
+def vm(kvm) -> Iterator["object"]:  # type: ignore[no-untyped-def]
+    with kvm.create_vm() as handle:
+        yield handle
+
+
+class HostBuffer:
+    """An anonymous mapping and its host address, for KVM-layer tests."""
+
+    def __init__(self, size: int) -> None:
+        from kvmmem.kvm import ffi
+
+        self.size = size
+        self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._cdata = ffi.from_buffer(self.map)
+        self.address = int(ffi.cast("uintptr_t", self._cdata))
+
+    def close(self) -> None:
+        from kvmmem.kvm import ffi
+
+        ffi.release(self._cdata)
+        self.map.close()
+
+
+@pytest.fixture
+def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
+    buffers: list[HostBuffer] = []
+
+    def make(size: int) -> HostBuffer:
+        buffers.append(HostBuffer(size))
+        return buffers[-1]
+
+    yield make
+    for b in buffers:
+        b.close()

@@ -1,0 +1,68 @@
+"""The system fd: API version, capabilities, VM creation, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from kvmmem.kvm import Kvm, KvmError, KvmUnavailableError, lib
+
+pytestmark = pytest.mark.kvm
+
+
+def test_api_version_is_12(kvm: Kvm) -> None:
+    assert kvm.get_api_version() == 12 == lib.KVM_API_VERSION
+
+
+def test_check_extension_reports_memslot_limit_on_vm(kvm: Kvm) -> None:
+    assert kvm.check_extension(lib.KVM_CAP_CHECK_EXTENSION_VM) > 0
+    vm = kvm.create_vm()
+    try:
+        limit = vm.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
+        assert limit > 0
+        assert vm.max_memslots == limit
+        assert vm.used_memslots == 0 and vm.free_memslots == limit
+    finally:
+        vm.close()
+
+
+def test_system_capabilities_needed_by_kvmmem(kvm: Kvm) -> None:
+    for cap in (lib.KVM_CAP_USER_MEMORY, lib.KVM_CAP_IRQCHIP, lib.KVM_CAP_IRQFD,
+                lib.KVM_CAP_IOEVENTFD, lib.KVM_CAP_PIT2):
+        assert kvm.check_extension(cap) > 0, cap
+    assert kvm.check_extension(0x7FFFFFF0) == 0  # a capability no kernel has
+
+
+def test_supported_cpuid_has_basic_leaves(kvm: Kvm) -> None:
+    cpuid = kvm.get_supported_cpuid()
+    functions = {e.function for e in cpuid}
+    assert 0 in functions and 1 in functions and 0x80000001 in functions
+    assert cpuid.find(0) is not None
+
+
+def test_missing_device_gives_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(KvmUnavailableError) as info:
+        Kvm(str(tmp_path / "kvm"))
+    assert info.value.errno == errno.ENOENT
+    assert "does not exist" in str(info.value)
+
+
+def test_ioctl_on_closed_fd_names_ioctl_and_errno(kvm: Kvm) -> None:
+    other = Kvm()
+    other.close()
+    with pytest.raises(KvmError) as info:
+        other.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
+    assert info.value.errno == errno.EBADF
+    assert info.value.ioctl == "KVM_CHECK_EXTENSION"
+    assert "KVM_CHECK_EXTENSION" in str(info.value) and "EBADF" in str(info.value)
+
+
+def test_max_memslots_one_liner_from_the_readme() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "from kvmmem.kvm import Kvm; print(Kvm().create_vm().max_memslots)"],
+        capture_output=True, text=True, check=True)
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        assert int(out.stdout) == vm.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
