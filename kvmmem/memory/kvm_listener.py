@@ -1,0 +1,114 @@
+"""The KVM memslot listener: every RAM flat range is exactly one KVM memslot.
+
+Attached to the system address space, it turns flat view changes into
+``KVM_SET_USER_MEMORY_REGION`` calls: ``region_add`` of a RAM range creates
+one slot, ``region_del`` deletes exactly the slot of that range, I/O ranges
+get none (guest accesses there exit as MMIO).  Since unchanged ranges are
+never reported, mapping one more unmergeable alias costs one ioctl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvmmem.memory.address_space import AddressSpace, MemoryListener
+from kvmmem.memory.flatview import FlatRange
+from kvmmem.memory.host import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmmem.kvm import Vm
+
+__all__ = ["KvmMemoryListener", "MemslotRecord", "KVM_MEM_READONLY"]
+
+KVM_MEM_READONLY = 1 << 1      # linux/kvm.h; guest writes exit as MMIO
+
+
+@dataclass(frozen=True, slots=True)
+class MemslotRecord:
+    """One memslot this listener created, and what it maps."""
+
+    slot: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    flags: int
+    region: str                 # the RAM region (e.g. "mem0")
+    alias: str | None           # the alias it was mapped through (e.g. "virtio-mem-memslot-3")
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_phys_addr + self.memory_size
+
+
+class KvmMemoryListener(MemoryListener):
+    """Keeps a VM's memslots equal to the RAM ranges of one address space."""
+
+    accel_name = "KVM"           # what `info mtree -f` prints on mapped ranges
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._by_start: dict[int, tuple[FlatRange, MemslotRecord]] = {}
+        # Slots freed in the current bracket, so that an undo re-creates a
+        # range under its old id (a rollback leaves KVM exactly as it was).
+        self._freed: dict[FlatRange, int] = {}
+
+    def begin(self) -> None:
+        self._freed.clear()
+
+    def commit(self) -> None:
+        self._freed.clear()
+
+    def region_add(self, fr: FlatRange) -> None:
+        if not fr.is_ram:
+            return
+        gpa, size, hva = _page_aligned(fr)
+        if size <= 0:
+            return                       # smaller than a page: left to MMIO emulation
+        flags = KVM_MEM_READONLY if fr.readonly else 0
+        slot = self._freed.pop(fr, None)
+        if slot is not None and slot not in self.vm.memslots:
+            self.vm.set_user_memory_region(slot, gpa, size, hva, flags)
+        else:
+            slot = self.vm.add_memslot(gpa, size, hva, flags)
+        alias = fr.alias.name if fr.alias is not None else None
+        self._by_start[fr.start] = (fr, MemslotRecord(slot, gpa, size, hva, flags,
+                                                      fr.region.name, alias))
+
+    def region_del(self, fr: FlatRange) -> None:
+        entry = self._by_start.get(fr.start)
+        if entry is None:
+            return                       # an I/O or sub-page range: no slot
+        mapped, record = entry
+        if mapped != fr:
+            raise RuntimeError(f"KVM listener out of sync: asked to delete {fr}, "
+                               f"but {mapped} is mapped there")
+        self.vm.delete_memslot(record.slot)
+        del self._by_start[fr.start]
+        self._freed[fr] = record.slot
+
+    # -- queries ------------------------------------------------------------
+
+    def memslots(self) -> list[MemslotRecord]:
+        """The memslots this listener holds, by guest address."""
+        return sorted((rec for _, rec in self._by_start.values()),
+                      key=lambda rec: rec.guest_phys_addr)
+
+    def slot_of(self, fr: FlatRange) -> int | None:
+        """The memslot id backing ``fr``, None if it has none."""
+        entry = self._by_start.get(fr.start)
+        return entry[1].slot if entry is not None and entry[0] == fr else None
+
+    def has_memory(self, space: AddressSpace, start: int, size: int) -> bool:
+        """Whether a memslot maps exactly ``[start, start+size)`` of ``space``."""
+        if space is not self.address_space:
+            return False
+        entry = self._by_start.get(start)
+        return entry is not None and entry[0].size == size
+
+
+def _page_aligned(fr: FlatRange) -> tuple[int, int, int]:
+    """(guest address, size, host address) of the whole pages inside ``fr``."""
+    start = -(-fr.start // PAGE_SIZE) * PAGE_SIZE
+    end = (fr.start + fr.size) // PAGE_SIZE * PAGE_SIZE
+    return start, end - start, fr.host_address + (start - fr.start)
