@@ -1,0 +1,142 @@
+"""Guest-physical memory of a pc-like machine under KVM.
+
+Builds QEMU's pc layout as a region tree (``system`` with ``ram-below-4g``
+and ``ram-above-4g`` aliases of ``pc.ram`` and the ``device-memory``
+container), renders it through one address space whose KVM listener keeps
+the VM's memslots equal to its RAM ranges, and plugs memory devices into
+the device-memory area with the memslots they may need reserved first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmmem.devices.memory_device import (
+    DeviceMemory, MachineMemoryMap, MemoryDeviceError, MemslotBudget, MemslotSplit,
+    memslots_for_device)
+from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.virtio_mem import VirtioMem
+from kvmmem.kvm import Vm
+from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
+                           memory_transaction, mtree_info)
+
+SYSTEM_SIZE = 1 << 64
+
+
+@dataclass(frozen=True)
+class DeviceMemslot:
+    """One memslot of a memory device as the user sees it."""
+
+    index: int
+    guest_phys_addr: int
+    size: int
+    mapped: bool
+    kvm_slot: int | None
+
+
+class MachineMemory:
+    """Boot RAM, device memory and memory devices of one VM."""
+
+    def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0) -> None:
+        self.vm = vm
+        self.layout = MachineMemoryMap(ram_size, maxmem, slots)
+        self.budget = MemslotBudget({"kvm": lambda: vm.free_memslots})
+        self.device_memory = DeviceMemory.for_machine(self.layout)
+        self.ram_host = HostMemory(ram_size, "pc.ram")
+        self.system = MemoryRegion.container("system", SYSTEM_SIZE)
+        self.pc_ram = MemoryRegion.ram("pc.ram", self.ram_host)
+        self.devices: dict[str, VirtioMem] = {}
+        boot_ram = [r for r in (self.layout.ram_below_4g, self.layout.ram_above_4g) if r]
+        self.budget.check_available("boot RAM", len(boot_ram))
+        offset = 0
+        with memory_transaction():
+            for r in boot_ram:
+                alias = MemoryRegion.alias(r.name, self.pc_ram, offset, r.size)
+                self.system.add_subregion(r.start, alias)
+                offset += r.size
+            area = self.layout.device_memory
+            self.device_memory_region = None
+            if area is not None:
+                self.device_memory_region = MemoryRegion.container("device-memory", area.size)
+                self.system.add_subregion(area.start, self.device_memory_region)
+        self.address_space = AddressSpace(self.system, "memory")
+        self.kvm_listener = KvmMemoryListener(vm)
+        self.address_space.add_listener(self.kvm_listener)
+
+    # -- memory devices ------------------------------------------------------
+
+    def plug(self, dev: VirtioMem) -> None:
+        """Give ``dev`` an address and its memslots; refused with a
+        MemoryDeviceError (nothing changed) when it does not fit."""
+        area = self.layout.device_memory
+        if area is None or self.device_memory_region is None:
+            raise MemoryDeviceError(f"{dev.id}: the machine has no device memory "
+                                    "(start it with maxmem larger than its RAM)")
+        if dev.id in self.devices:
+            raise MemoryDeviceError(f"a device with id {dev.id!r} is already plugged")
+        split = self._memslot_split(dev, area.size)
+        addr = self.device_memory.plug(dev.id, dev.region_size, dev.block_size, dev.props.memaddr)
+        try:
+            self.budget.reserve(dev.id, split.count)
+            try:
+                with memory_transaction():
+                    top = dev.realize(addr, split.memslot_size)
+                    self.device_memory_region.add_subregion(addr - area.start, top)
+            except BaseException:
+                self.budget.release(dev.id)
+                raise
+        except BaseException:
+            self.device_memory.unplug(dev.id)
+            dev.backing = dev.bitmap = None
+            raise
+        self.devices[dev.id] = dev
+        dev.on_memslots_change = lambda used, i=dev.id: self.budget.set_used(i, used)
+        self.budget.set_used(dev.id, len(dev.mapped_memslots))
+
+    def unplug(self, dev_id: str) -> VirtioMem:
+        """Remove a memory device: unplug its blocks, unmap, free its range."""
+        dev = self.devices.pop(dev_id)
+        with memory_transaction():
+            top = dev.unrealize()
+            assert self.device_memory_region is not None
+            self.device_memory_region.del_subregion(top)
+        self.budget.release(dev_id)
+        self.device_memory.unplug(dev_id)
+        return dev
+
+    def system_reset(self) -> None:
+        """Machine reset: every memory device unplugs everything."""
+        for dev in self.devices.values():
+            dev.system_reset()
+
+    def _memslot_split(self, dev: VirtioMem, area_size: int) -> MemslotSplit:
+        if dev.props.memslots is MemslotMode.SINGLE:
+            return MemslotSplit(dev.region_size, 1, 1)
+        return memslots_for_device(dev.region_size, dev.block_size, area_size,
+                                   self.budget.available(), dev.props.max_memslots)
+
+    # -- queries -------------------------------------------------------------
+
+    def device_memslots(self, dev_id: str) -> list[DeviceMemslot]:
+        """Every memslot of a device: index, guest range, mapped, KVM slot id."""
+        dev = self.devices[dev_id]
+        mapped = dev.mapped_memslots
+        kvm_slots = {rec.guest_phys_addr: rec.slot for rec in self.kvm_listener.memslots()}
+        size, total = dev.memslot_size, dev.region_size
+        result = []
+        for index in range(-(-total // size)):
+            gpa = dev.addr + index * size
+            result.append(DeviceMemslot(index, gpa, min(size, total - index * size),
+                                        index in mapped, kvm_slots.get(gpa) if index in mapped else None))
+        return result
+
+    def info_mtree(self, flatview: bool = False) -> str:
+        """``info mtree`` (or ``-f``) of this machine's address space."""
+        return mtree_info(flatview, spaces=[self.address_space])
+
+    def close(self) -> None:
+        """Detach from KVM (deleting the memslots) and unmap boot RAM."""
+        for dev_id in list(self.devices):
+            self.unplug(dev_id)
+        self.address_space.destroy()
+        self.ram_host.close()

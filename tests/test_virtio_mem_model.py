@@ -1,0 +1,144 @@
+"""Random request streams against a small reference model of the spec.
+
+After every step: the answer, ``plugged_size``, the bitmap, the memslots KVM
+holds, and (with ``protect=block``) which blocks are guarded on the host.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vmem_helpers import GiB, MiB, kvm_ranges, expected_ranges, plug_device, small_machine
+
+from kvmmem.devices.virtio_mem_proto import BlockState, Request, RequestType, Response
+from kvmmem.kvm import Kvm
+
+pytestmark = pytest.mark.kvm
+
+BLOCK = 128 * MiB
+REGION = 8 * GiB
+NB = REGION // BLOCK            # 64 blocks
+PER_SLOT = GiB // BLOCK         # 8 blocks per 1 GiB memslot
+EXTENT = 256 * MiB
+
+
+class Model:
+    """What the facts file says the device must do."""
+
+    def __init__(self, mode: str, base: int) -> None:
+        self.mode, self.base = mode, base
+        self.requested, self.usable, self.plugged = 0, 0, set()
+
+    def target(self) -> int:
+        return 0 if not self.requested else min(REGION, self.requested + EXTENT)
+
+    def process(self, kind: RequestType, addr: int, n: int) -> Response:
+        if kind is RequestType.UNPLUG_ALL:
+            self.plugged.clear()
+            self.usable = self.target()
+            return Response.ack()
+        end = addr + n * BLOCK
+        if addr % BLOCK or n == 0 or end - 1 >= 1 << 64 or addr < self.base \
+                or end > self.base + self.usable:
+            return Response.error()
+        blocks = set(range((addr - self.base) // BLOCK, (end - self.base) // BLOCK))
+        if kind is RequestType.STATE:
+            inside = len(blocks & self.plugged)
+            return Response.ack(BlockState.PLUGGED if inside == n else
+                                BlockState.UNPLUGGED if inside == 0 else BlockState.MIXED)
+        if kind is RequestType.PLUG:
+            if (len(self.plugged) + n) * BLOCK > self.requested:
+                return Response.nack()
+            if blocks & self.plugged:
+                return Response.error()
+            self.plugged |= blocks
+        else:
+            if blocks - self.plugged:
+                return Response.error()
+            self.plugged -= blocks
+        return Response.ack()
+
+    def resize(self, size: int) -> None:
+        self.requested = size
+        self.usable = max(self.usable, self.target())
+
+    def reset(self) -> None:
+        self.plugged.clear()
+        self.usable = self.target()
+
+    def mapped(self) -> set[int]:
+        if self.mode == "dynamic":
+            return {b // PER_SLOT for b in self.plugged}
+        if self.mode == "usable":
+            return set(range(-(-self.usable // GiB)))
+        return {0}
+
+
+block_index = st.one_of(st.integers(min_value=0, max_value=24),
+                        st.integers(min_value=-2, max_value=NB + 2))
+ops = st.one_of(
+    st.tuples(st.sampled_from(["plug", "unplug", "state"]), block_index,
+              st.integers(min_value=0, max_value=12), st.sampled_from([0, 0, 0, MiB])),
+    st.tuples(st.just("unplug_all")),
+    st.tuples(st.just("resize"), st.one_of(st.integers(min_value=0, max_value=20),
+                                           st.integers(min_value=0, max_value=NB))),
+    st.tuples(st.just("fill"), st.integers(min_value=0, max_value=2)),
+    st.tuples(st.just("reset")),
+)
+KINDS = {"plug": RequestType.PLUG, "unplug": RequestType.UNPLUG, "state": RequestType.STATE}
+
+
+@pytest.fixture(scope="module")
+def kvm_handle():  # type: ignore[no-untyped-def]
+    with Kvm() as kvm:
+        yield kvm
+
+
+@pytest.mark.parametrize("mode,protect", [("dynamic", "block"), ("dynamic", "slot"),
+                                          ("usable", "block"), ("single", "slot")])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(ops, max_size=25))
+def test_device_matches_the_model(kvm_handle, mode: str, protect: str, steps) -> None:  # type: ignore[no-untyped-def]
+    with kvm_handle.create_vm() as vm:
+        machine = small_machine(vm)
+        dev = plug_device(machine, size=REGION, block=BLOCK, memslots=mode, protect=protect)
+        model = Model(mode, dev.addr)
+        try:
+            for step in steps:
+                if step[0] == "resize":
+                    dev.set_requested_size(step[1] * BLOCK)
+                    model.resize(step[1] * BLOCK)
+                elif step[0] == "reset":
+                    machine.system_reset()
+                    model.reset()
+                elif step[0] == "unplug_all":
+                    got = Response.parse(dev.handle(0, Request(RequestType.UNPLUG_ALL).pack(), 10))
+                    assert got == model.process(RequestType.UNPLUG_ALL, 0, 0)
+                else:
+                    if step[0] == "fill":     # plug up to (or just past) requested-size
+                        free = [b for b in range(NB) if b not in model.plugged]
+                        want = (model.requested - len(model.plugged) * BLOCK) // BLOCK + step[1]
+                        step = ("plug", free[0] if free else 0, max(want, 0), 0)
+                    kind, block, n, skew = KINDS[step[0]], step[1], step[2], step[3]
+                    addr = max(0, dev.addr + block * BLOCK + skew)
+                    got = Response.parse(dev.handle(0, Request(kind, addr, n).pack(), 10))
+                    assert got == model.process(kind, addr, n), step
+                check(vm, dev, model, protect)
+        finally:
+            machine.close()
+
+
+def check(vm, dev, model: Model, protect: str) -> None:  # type: ignore[no-untyped-def]
+    assert dev.plugged_size == len(model.plugged) * BLOCK
+    assert dev.usable_region_size == model.usable
+    assert {b for b in range(NB) if dev.bitmap.is_plugged(b)} == model.plugged
+    mapped = model.mapped()
+    if model.mode == "single":
+        assert kvm_ranges(vm, dev) == {(dev.addr, REGION)}
+    else:
+        assert kvm_ranges(vm, dev) == expected_ranges(dev, mapped)
+    if protect == "block" and model.mode != "single":
+        guarded = {b for b in range(NB) if dev.memdev.is_protected(b * BLOCK, BLOCK)}
+        assert guarded == {b for b in range(NB)
+                           if b not in model.plugged and b // PER_SLOT in mapped}
