@@ -1,4 +1,4 @@
-"""``kvmmem`` command line: ``kvmmem demo``."""
+"""``kvmmem`` command line: ``kvmmem demo`` replays the seed on this machine."""
 
 from __future__ import annotations
 
@@ -6,29 +6,55 @@ import argparse
 import sys
 
 from kvmmem.kvm import KvmError
+from kvmmem.vmm.units import parse_size
 
 
-def _demo(_: argparse.Namespace) -> int:
+def _sizes(text: str) -> list[int]:
+    try:
+        return [parse_size(part) for part in text.split(",") if part]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvmmem.vmm.demo import run_demo
     from kvmmem.vmm.smoke import run_smoke
 
     report = run_smoke()
-    print(f"KVM API version      {report.api_version}")
-    print(f"memslots per VM      {report.max_memslots} (KVM_CAP_NR_MEMSLOTS)")
-    print(f"USER_MEMORY2         {'yes' if report.user_memory2 else 'no'}")
-    print(f"MEMORY_FAULT_INFO    {'yes' if report.memory_fault_info else 'no'}")
-    print(f"guest ran            exits {' -> '.join(report.exits)}, "
-          f"said {report.guest_said.decode(errors='replace')!r} on port 0x10")
+    print(f"KVM API {report.api_version}, {report.max_memslots} memslots per VM "
+          f"(KVM_CAP_NR_MEMSLOTS), USER_MEMORY2 {'yes' if report.user_memory2 else 'no'}, "
+          f"MEMORY_FAULT_INFO {'yes' if report.memory_fault_info else 'no'}; a guest ran: "
+          f"{' -> '.join(report.exits)}, said {report.guest_said.decode(errors='replace')!r}")
+    print()
+    run_demo(modes=args.mode.split(","), size=args.size, requested=args.requested,
+             reboot_last=not args.no_reboot)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the main demonstration").set_defaults(func=_demo)
+    demo = sub.add_parser("demo", help="replay the seed: a 500G virtio-mem device resized "
+                          "2G, 20G, 5G + reboot, in usable and dynamic memslot modes")
+    demo.add_argument("--mode", default="usable,dynamic",
+                      help="memslot modes to run, comma-separated (single, usable, dynamic)")
+    demo.add_argument("--size", type=_size, default=parse_size("500G"), help="device size")
+    demo.add_argument("--requested", type=_sizes, default=_sizes("2G,20G,5G"),
+                      help="requested sizes in order, comma-separated")
+    demo.add_argument("--no-reboot", action="store_true",
+                      help="do not reboot after the last requested size")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except KvmError as exc:
+    except (KvmError, ValueError) as exc:
         print(f"kvmmem: {exc}", file=sys.stderr)
         return 1
 

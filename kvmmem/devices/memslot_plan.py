@@ -127,6 +127,22 @@ class PlugBitmap:
         end = self._check_range(first, n)
         return self._bits.find(1 if plugged else 0, first, end) != -1
 
+    def find(self, plugged: bool, first: int = 0, end: int | None = None) -> int:
+        """Index of the first block in ``[first, end)`` in that state, or -1."""
+        end = self._nb_blocks if end is None else end
+        if end <= first:
+            return -1
+        self._check_range(first, end - first)
+        return self._bits.find(1 if plugged else 0, first, end)
+
+    def rfind(self, plugged: bool, first: int = 0, end: int | None = None) -> int:
+        """Index of the last block in ``[first, end)`` in that state, or -1."""
+        end = self._nb_blocks if end is None else end
+        if end <= first:
+            return -1
+        self._check_range(first, end - first)
+        return self._bits.rfind(1 if plugged else 0, first, end)
+
     def plug(self, first: int, n: int) -> tuple[int, ...]:
         """Mark blocks plugged; return the memslots that went from empty to populated."""
         return self._set(first, n, 1)
