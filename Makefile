@@ -30,8 +30,22 @@ demo: $(EXT)
 test: $(EXT)
 	$(PY) -m pytest -q
 
-bench: $(EXT)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+# Memslot metadata, time and memory per mode (issue 7); results in bench-results/
+bench: $(EXT) $(BENCH_STAMP)
 	$(PY) scripts/bench_ioctl.py
+	$(PY) scripts/bench_memory.py
+	$(PY) scripts/bench_slots.py --device-size 1T --plugged 0,1,16,64 --json bench-results/slots-1t.json
+	$(PY) scripts/bench_slots.py --device-size 64T --modes single,dynamic --plugged 0,1,16,64 \
+		--no-overhead --json bench-results/slots-64t.json
+	$(PY) scripts/plot_slots.py bench-results/slots-1t.json -o docs/slots-1t.png
+	$(PY) scripts/bench_slots.py --from-json bench-results/slots-1t.json \
+		bench-results/slots-64t.json --markdown docs/bench-slots.md
 
 clean:
 	rm -rf build kvmmem/_kvm_cffi*.so kvmmem/_kvm_cffi.c $(EXT) .pytest_cache
