@@ -10,7 +10,9 @@ CDEFS  := $(wildcard cdefs/*.h) cdefs/build_kvm.py
 
 .PHONY: all demo test bench clean distclean
 
-all: $(EXT)
+include tests/guest/Makefile.inc
+
+all: $(EXT) $(GUEST_ELF)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +29,7 @@ $(EXT): $(STAMP) $(CDEFS)
 demo: $(EXT)
 	$(PY) -m kvmmem demo
 
-test: $(EXT)
+test: $(EXT) $(GUEST_ELF)
 	$(PY) -m pytest -q
 
 BENCH_STAMP := $(VENV)/.bench-installed
