@@ -1,0 +1,222 @@
+"""A small pc-like VMM: one vCPU, the in-kernel irqchip and PIT, a UART,
+QEMU's debug-exit port, and virtio-mem devices on virtio-mmio.
+
+The run loop turns vCPU exits into device accesses: port I/O goes to the
+UART, the debug-exit port or the reset port; MMIO is dispatched through the
+system address space, so every MMIO device is an I/O region that shows in
+``info mtree``. A guest access to device memory that no plugged block backs
+is answered like unassigned memory (reads all ones, writes dropped),
+counted and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
+from kvmmem.kvm import Kvm, exits, lib
+from kvmmem.memory import RegionKind
+from kvmmem.virtio.guest_memory import GuestMemory
+from kvmmem.virtio.mmio import VirtioMmioTransport
+from kvmmem.vmm import boot
+from kvmmem.vmm.machine_memory import MachineMemory
+from kvmmem.vmm.serial import Serial16550
+
+log = logging.getLogger(__name__)
+
+SERIAL_BASE = 0x3F8
+DEBUG_EXIT_PORT = 0xF4
+RESET_PORT, RESET_VALUE = 0x64, 0xFE
+MMIO_BASE = 0xD0000000
+FIRST_GSI = 5
+TSS_ADDR, IDENTITY_MAP_ADDR = 0xFFFBD000, 0xFFFBC000
+
+
+@dataclass
+class MachineConfig:
+    """What ``kvmmem run`` parses from QEMU-style options."""
+
+    ram_size: int
+    kernel: str
+    maxmem: int | None = None
+    slots: int = 0
+    cmdline: str = ""
+    memory_devices: list[VirtioMemProps] = field(default_factory=list)
+    serial: Callable[[bytes], None] | None = None
+    no_reboot: bool = False
+
+
+@dataclass(frozen=True)
+class UnpluggedAccess:
+    """A guest access to device memory no plugged block backs."""
+
+    device: str
+    address: int
+    vcpu: int
+    is_write: bool
+
+
+class MachineExit(Exception):
+    """Raised inside the run loop to stop the machine with a status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class Machine:
+    """A VM ready to run ``config.kernel`` under the Linux boot protocol."""
+
+    def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
+        self.config = config
+        self.kvm = kvm or Kvm()
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
+        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots)
+        self.guest_memory = GuestMemory(self.memory.address_space)
+        self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
+        self.devices: dict[str, VirtioMem] = {}
+        self.transports: list[VirtioMmioTransport] = []
+        self.unplugged_accesses: list[UnpluggedAccess] = []
+        self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
+        self.resets = 0
+        self._reset_pending = False
+        for index, props in enumerate(config.memory_devices):
+            self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
+        self.layout = self._load()
+
+    def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
+        dev = VirtioMem(props)
+        self.memory.plug(dev)
+        transport = VirtioMmioTransport(dev, self.guest_memory, self.vm, gsi, base=base,
+                                        name=f"virtio-mmio-{props.id}")
+        self.memory.system.add_subregion(base, transport.region)
+        self.devices[props.id] = dev
+        self.transports.append(transport)
+
+    @property
+    def cmdline(self) -> str:
+        """The kernel command line: the devices in Linux's syntax, then the user's."""
+        parts = ["console=ttyS0"] + [t.linux_cmdline() for t in self.transports]
+        return " ".join(parts + ([self.config.cmdline] if self.config.cmdline else []))
+
+    def _load(self) -> boot.BootLayout:
+        layout = self.memory.layout
+        below = layout.ram_below_4g.size if layout.ram_below_4g else 0
+        above = layout.ram_above_4g.size if layout.ram_above_4g else 0
+        area = layout.device_memory
+        map_size = max(4 << 30, area.start + area.size if area else 4 << 30,
+                       (4 << 30) + above)
+        return boot.boot(self.vcpu, boot.pc_ram_writer(self.memory.ram_host, below),
+                         self.config.kernel, self.cmdline, boot.pc_e820(below, above), map_size)
+
+    # -- running -----------------------------------------------------------
+
+    def request_reset(self) -> None:
+        """Reset the machine before the vCPU runs again (e.g. from a hook)."""
+        self._reset_pending = True
+
+    def run(self) -> int:
+        """Run until the guest stops the machine; return the exit status."""
+        try:
+            while True:
+                if self._reset_pending:
+                    self._reset_pending = False
+                    self.reset()
+                self._handle(self.vcpu.run())
+        except MachineExit as stop:
+            return stop.status
+
+    def _handle(self, ex: exits.VcpuExit) -> None:
+        if isinstance(ex, exits.IoExit):
+            self._port_io(ex)
+        elif isinstance(ex, exits.MmioExit):
+            self._mmio(ex)
+        elif isinstance(ex, exits.MemoryFaultExit):
+            self._unplugged(ex.gpa, False, fatal=True)
+        elif isinstance(ex, exits.ShutdownExit) or (
+                isinstance(ex, exits.SystemEventExit) and ex.type == lib.KVM_SYSTEM_EVENT_RESET):
+            self._reboot("triple fault" if isinstance(ex, exits.ShutdownExit) else "reset event")
+        elif isinstance(ex, exits.SystemEventExit):
+            raise MachineExit(0)
+        elif isinstance(ex, (exits.HltExit, exits.IntrExit)):
+            return
+        else:
+            raise RuntimeError(f"vCPU {self.vcpu.id} stopped: {ex} "
+                               f"at rip {self.vcpu.get_regs().rip:#x}")
+
+    def _port_io(self, ex: exits.IoExit) -> None:
+        port = ex.port
+        if ex.is_write:
+            for i in range(ex.count):
+                value = int.from_bytes(ex.data[i * ex.size:(i + 1) * ex.size], "little")
+                if SERIAL_BASE <= port < SERIAL_BASE + 8:
+                    self.serial.write(port - SERIAL_BASE, value)
+                elif port == DEBUG_EXIT_PORT:
+                    raise MachineExit((value << 1) | 1)
+                elif port == RESET_PORT and value == RESET_VALUE:
+                    self._reboot("reset via port 0x64")
+            return
+        if SERIAL_BASE <= port < SERIAL_BASE + 8:
+            data = bytes([self.serial.read(port - SERIAL_BASE)]) * ex.size
+        else:
+            data = b"\xff" * ex.size
+        self.vcpu.complete_io_in(data * ex.count)
+
+    def _mmio(self, ex: exits.MmioExit) -> None:
+        fr = self.memory.address_space.lookup(ex.phys_addr)
+        if fr is not None and fr.region.kind is RegionKind.IO:
+            offset = fr.offset + ex.phys_addr - fr.start
+            if ex.is_write:
+                fr.region.dispatch_write(offset, ex.length, int.from_bytes(ex.data, "little"))
+            else:
+                value = fr.region.dispatch_read(offset, ex.length)
+                self.vcpu.complete_mmio_read(value.to_bytes(ex.length, "little"))
+            return
+        self._unplugged(ex.phys_addr, ex.is_write)
+        if not ex.is_write:
+            self.vcpu.complete_mmio_read(b"\xff" * ex.length)
+
+    def _unplugged(self, address: int, is_write: bool, fatal: bool = False) -> None:
+        owner = next((d.id for d in self.devices.values()
+                      if d.addr <= address < d.addr + d.region_size), "")
+        access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
+        self.unplugged_accesses.append(access)
+        log.warning("vCPU %d: %s of unplugged/unassigned memory at %#x%s", access.vcpu,
+                    "write" if is_write else "read", address, f" ({owner})" if owner else "")
+        if self.on_unplugged_access is not None:
+            self.on_unplugged_access(access)
+        if fatal:
+            raise RuntimeError(f"vCPU {access.vcpu}: memory fault at {address:#x}: this host "
+                               "cannot emulate the access (hardware virtualization)")
+
+    def _reboot(self, why: str) -> None:
+        if self.config.no_reboot:
+            log.info("%s with -no-reboot: stopping", why)
+            raise MachineExit(0)
+        log.info("%s: resetting the machine", why)
+        self.reset()
+
+    def reset(self) -> None:
+        """System reset: memory devices unplug everything, transports and
+        UART reset, the kernel is loaded again and the vCPU restarted."""
+        self.resets += 1
+        self.memory.system_reset()
+        for transport in self.transports:
+            transport.reset()
+        self.serial.reset()
+        self.layout = self._load()
+
+    def close(self) -> None:
+        """Unplug the memory devices, unwire the interrupts, close the VM."""
+        for transport in self.transports:
+            transport.close()
+        self.memory.close()
+        self.vm.close()
