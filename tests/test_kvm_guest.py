@@ -143,3 +143,24 @@ def test_vcpu_fd_closed_with_vm(kvm, host_buffer) -> None:  # type: ignore[no-un
     vcpu, _ = boot(vm, host_buffer, SPIN_CODE)
     vm.close()
     assert vcpu.closed and vm.closed
+
+
+def test_irqchip_lapic_events_and_mp_state_round_trip(kvm, host_buffer) -> None:  # type: ignore[no-untyped-def]
+    """The state a VMM saves at power-on and restores on reset."""
+    from kvmmem.kvm import ffi, lib
+
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu, _ = boot(vm, host_buffer, SPIN_CODE)
+        ioapic = vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC)
+        assert ioapic.chip_id == lib.KVM_IRQCHIP_IOAPIC
+        vm.set_irqchip(ioapic)
+        lapic = vcpu.get_lapic()
+        svr = int.from_bytes(bytes(ffi.buffer(lapic.regs))[0xF0:0xF4], "little")
+        vcpu.set_lapic(lapic)
+        assert int.from_bytes(bytes(ffi.buffer(vcpu.get_lapic().regs))[0xF0:0xF4], "little") == svr
+        vcpu.set_vcpu_events(vcpu.get_vcpu_events())
+        vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
+        vcpu.complete_pending()                  # nothing pending: returns at once
+        assert vcpu.get_regs().rip == CODE_ADDR  # and ran no guest instruction

@@ -137,3 +137,40 @@ def test_malformed_guest_input_sets_needs_reset_and_vmm_survives(guest_elf, how:
     line = next(l for l in run.lines if l.startswith(f"malformed {how}"))
     assert int(line.rsplit("status=", 1)[1], 16) & 0x40
     assert run.dev.plugged_size == 0
+
+
+def test_machine_is_controlled_from_another_thread(guest_elf) -> None:  # type: ignore[no-untyped-def]
+    """The vCPU runs in its own thread; the main thread resizes, pauses,
+    resets and stops the machine, as a QMP server would."""
+    import threading
+
+    waiting = threading.Semaphore(0)
+
+    def on_line(run: Run, line: str) -> None:
+        if line == "waiting for a config change":
+            waiting.release()
+
+    run = Run(guest_elf, on_line, memslots="dynamic")
+    machine, dev = run.machine, run.dev
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(machine.run()))
+    thread.start()
+    try:
+        assert waiting.acquire(timeout=30) and dev.plugged_size == GiB
+        machine.pause()
+        with machine.lock:
+            dev.set_requested_size(512 * MiB)
+        assert machine.paused and dev.plugged_size == GiB       # the guest cannot react
+        machine.resume()
+        assert waiting.acquire(timeout=30) and dev.plugged_size == 512 * MiB
+        machine.request_reset()
+        assert waiting.acquire(timeout=30) and machine.resets == 1
+        assert dev.plugged_size == 512 * MiB                      # re-plugged after reboot
+        machine.shutdown(7)
+        thread.join(30)
+        assert result == [7]
+    finally:
+        if thread.is_alive():
+            machine.shutdown(1)
+            thread.join(30)
+        machine.close()

@@ -57,6 +57,37 @@ class Vcpu(FdObject):
         """KVM_SET_CPUID2: the CPUID table the guest sees."""
         self._ioctl_ptr("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, cpuid.raw)
 
+    def get_lapic(self) -> Any:
+        """KVM_GET_LAPIC: the in-kernel local APIC's registers."""
+        state = ffi.new("struct kvm_lapic_state *")
+        self._ioctl_ptr("KVM_GET_LAPIC", lib.KVM_GET_LAPIC, state)
+        return state
+
+    def set_lapic(self, state: Any) -> None:
+        """KVM_SET_LAPIC."""
+        self._ioctl_ptr("KVM_SET_LAPIC", lib.KVM_SET_LAPIC, state)
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: runnable, halted, waiting for SIPI..."""
+        state = ffi.new("struct kvm_mp_state *")
+        self._ioctl_ptr("KVM_GET_MP_STATE", lib.KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE (e.g. KVM_MP_STATE_RUNNABLE to wake a halted vCPU on reset)."""
+        state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
+        self._ioctl_ptr("KVM_SET_MP_STATE", lib.KVM_SET_MP_STATE, state)
+
+    def get_vcpu_events(self) -> Any:
+        """KVM_GET_VCPU_EVENTS: pending exceptions, interrupts and NMIs."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        self._ioctl_ptr("KVM_GET_VCPU_EVENTS", lib.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: Any) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._ioctl_ptr("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU fd."""
         ec = ffi.new("struct kvm_enable_cap *")
@@ -88,6 +119,18 @@ class Vcpu(FdObject):
                 return self._memory_fault()
             raise KvmError(err, "KVM_RUN", self._closed_detail())
         return self._decode()
+
+    def complete_pending(self) -> None:
+        """Let KVM finish an interrupted I/O or MMIO instruction without
+        running further guest code (KVM_RUN with ``immediate_exit`` set),
+        so that register writes that follow are not undone by it."""
+        self.run_struct.immediate_exit = 1
+        try:
+            result = self.run()
+        finally:
+            self.run_struct.immediate_exit = 0
+        if not isinstance(result, exits.IntrExit):
+            raise KvmError(errno.EINVAL, "KVM_RUN", f"immediate exit gave {result}")
 
     def kick(self) -> None:
         """Make a concurrent or the next ``run()`` return :class:`IntrExit`.

@@ -7,7 +7,7 @@ import heapq
 import mmap
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from kvmmem.kvm._fd import FdObject
 from kvmmem.kvm._lib import ffi, lib
@@ -217,6 +217,17 @@ class Vm(FdObject):
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and LAPICs (before vCPUs)."""
         self._ioctl_int("KVM_CREATE_IRQCHIP", lib.KVM_CREATE_IRQCHIP)
+
+    def get_irqchip(self, chip_id: int) -> Any:
+        """KVM_GET_IRQCHIP: the state of one in-kernel PIC or the IOAPIC."""
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = chip_id
+        self._ioctl_ptr("KVM_GET_IRQCHIP", lib.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: Any) -> None:
+        """KVM_SET_IRQCHIP: restore a state from :meth:`get_irqchip`."""
+        self._ioctl_ptr("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP, chip)
 
     def create_pit2(self, flags: int = 0) -> None:
         """KVM_CREATE_PIT2: the in-kernel i8254 timer."""

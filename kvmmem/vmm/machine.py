@@ -12,11 +12,14 @@ counted and reported.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, exits, lib
+from kvmmem.kvm.vcpu import KICK_SIGNAL
 from kvmmem.memory import RegionKind
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
@@ -85,11 +88,18 @@ class Machine:
         self.unplugged_accesses: list[UnpluggedAccess] = []
         self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
         self.resets = 0
+        self.lock = threading.RLock()
+        """Held while an exit is handled; other threads (QMP) take it to change devices."""
         self._reset_pending = False
+        self._stop_status: int | None = None
+        self._running = threading.Event()
+        self._running.set()
+        _install_kick_handler()
         for index, props in enumerate(config.memory_devices):
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
+        self._power_on_state = self._save_cpu_and_irqchip()
         self.layout = self._load()
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
@@ -120,17 +130,45 @@ class Machine:
     # -- running -----------------------------------------------------------
 
     def request_reset(self) -> None:
-        """Reset the machine before the vCPU runs again (e.g. from a hook)."""
+        """Reset the machine before the vCPU runs again; safe from any thread."""
         self._reset_pending = True
+        self.vcpu.kick()
+
+    def pause(self) -> None:
+        """Stop running guest code until :meth:`resume` (QMP ``stop``)."""
+        self._running.clear()
+        self.vcpu.kick()
+
+    def resume(self) -> None:
+        """Run guest code again (QMP ``cont``)."""
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def shutdown(self, status: int = 0) -> None:
+        """Make :meth:`run` return ``status``; safe from any thread (QMP ``quit``)."""
+        self._stop_status = status
+        self._running.set()
+        self.vcpu.kick()
 
     def run(self) -> int:
-        """Run until the guest stops the machine; return the exit status."""
+        """Run until the guest or :meth:`shutdown` stops the machine; return
+        the exit status. Call it from one thread (the vCPU thread)."""
         try:
-            while True:
+            while self._stop_status is None:
+                if not self._running.is_set():
+                    self._running.wait()
+                    continue
                 if self._reset_pending:
-                    self._reset_pending = False
-                    self.reset()
-                self._handle(self.vcpu.run())
+                    with self.lock:
+                        self._reset_pending = False
+                        self.reset()
+                ex = self.vcpu.run()
+                with self.lock:
+                    self._handle(ex)
+            return self._stop_status
         except MachineExit as stop:
             return stop.status
 
@@ -208,11 +246,29 @@ class Machine:
         """System reset: memory devices unplug everything, transports and
         UART reset, the kernel is loaded again and the vCPU restarted."""
         self.resets += 1
+        self._restore_cpu_and_irqchip(self._power_on_state)
         self.memory.system_reset()
         for transport in self.transports:
             transport.reset()
         self.serial.reset()
         self.layout = self._load()
+
+    def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
+        chips = [self.vm.get_irqchip(chip) for chip in
+                 (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)]
+        return chips, self.vcpu.get_lapic(), self.vcpu.get_vcpu_events()
+
+    def _restore_cpu_and_irqchip(self, state: tuple) -> None:  # type: ignore[type-arg]
+        """Power-on state of the interrupt controllers and the vCPU's pending
+        events, and wake it if it was halted: a reset must not deliver
+        interrupts the old guest had pending to the new one."""
+        chips, lapic, events = state
+        self.vcpu.complete_pending()
+        for chip in chips:
+            self.vm.set_irqchip(chip)
+        self.vcpu.set_lapic(lapic)
+        self.vcpu.set_vcpu_events(events)
+        self.vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
 
     def close(self) -> None:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
@@ -220,3 +276,11 @@ class Machine:
             transport.close()
         self.memory.close()
         self.vm.close()
+
+
+def _install_kick_handler() -> None:
+    """``Vcpu.kick`` signals the vCPU thread; the signal must not kill the
+    process, so give it a no-op handler (only the main thread can)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
