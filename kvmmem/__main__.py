@@ -1,4 +1,5 @@
-"""``kvmmem`` command line: ``kvmmem demo`` replays the seed on this machine."""
+"""``kvmmem`` command line: ``kvmmem demo`` replays the seed on this machine,
+``kvmmem run`` starts a VM with QEMU-style options."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from kvmmem.vmm.cli import main as run_main
+
+        return run_main(argv[1:])
     parser = argparse.ArgumentParser(prog="kvmmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="replay the seed: a 500G virtio-mem device resized "
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-reboot", action="store_true",
                       help="do not reboot after the last requested size")
     demo.set_defaults(func=_demo)
+    sub.add_parser("run", help="start a VM, options spelled as QEMU's (kvmmem run -h)")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -174,3 +174,19 @@ def test_machine_is_controlled_from_another_thread(guest_elf) -> None:  # type: 
             machine.shutdown(1)
             thread.join(30)
         machine.close()
+
+
+def test_guest_reset_through_port_0x64_reboots_with_everything_unplugged(guest_elf) -> None:  # type: ignore[no-untyped-def]
+    boots: list[int] = []
+
+    def on_line(run: Run, line: str) -> None:
+        if line.startswith("virtio-mem: features="):
+            boots.append(run.dev.plugged_size)          # what the new guest finds
+            assert " plugged=0 " in line
+        if line == "resetting" and run.machine.resets == 2:
+            raise MachineExit(0)
+
+    run = Run(guest_elf, on_line, cmdline="kvmmem.reset=1", memslots="dynamic",
+              requested_size=256 * MiB)
+    assert run.run() == 0
+    assert boots == [0, 0, 0] and run.machine.resets == 2

@@ -14,6 +14,8 @@
  *   kvmmem.read_unplugged=1 after the first step, read one word of an
  *                           unplugged block far away (the region's last
  *                           block) and of the block after the plugged ones
+ *   kvmmem.reset=1          reset the machine (0xfe to port 0x64) each time
+ *                           requested_size is reached
  *   kvmmem.malformed=short|type|desc|loop
  *                           send one malformed request (16-byte request,
  *                           type 7, descriptor outside RAM, looping chain),
@@ -472,6 +474,8 @@ static void step_done(int read_unplugged)
 	}
 }
 
+static int reset_when_done;	/* kvmmem.reset=1 */
+
 static __attribute__((noreturn)) void follow_requested_size(struct mem_config c, int read_unplugged)
 {
 	u64 bs = c.block_size;
@@ -486,6 +490,10 @@ static __attribute__((noreturn)) void follow_requested_size(struct mem_config c,
 		if (unplug_all) {
 			type = UNPLUG_ALL;
 		} else if (plugged == c.requested) {
+			if (reset_when_done) {
+				puts("resetting\n");
+				outb(0x64, 0xfe);	/* the keyboard controller's reset line */
+			}
 			wait_config_change();
 			continue;
 		} else if (plugged < c.requested) {
@@ -571,5 +579,6 @@ void __attribute__((noreturn)) guest_main(const u8 *zero_page)
 	const char *how = find_arg(cmdline, "kvmmem.malformed=");
 	if (how)
 		send_malformed(how, c.addr);
+	reset_when_done = arg_num(cmdline, "kvmmem.reset=", 0) != 0;
 	follow_requested_size(c, arg_num(cmdline, "kvmmem.read_unplugged=", 0) != 0);
 }

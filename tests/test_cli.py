@@ -1,0 +1,92 @@
+"""`kvmmem run`: QEMU-spelled options, one-line refusals, a real boot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmmem.vmm.cli import OptionError, build_parser, parse_keyval, parse_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+GUEST = ROOT / "build" / "guest" / "guest.elf"
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def config(*argv: str):  # type: ignore[no-untyped-def]
+    return parse_machine(build_parser().parse_args(["-kernel", "k", *argv]), None)
+
+
+def test_keyval_follows_qemu_spelling() -> None:
+    assert parse_keyval("-m", "4G,maxmem=1028G,slots=4", "size") == \
+        {"size": "4G", "maxmem": "1028G", "slots": "4"}
+    for bad in ("4G,maxmem", "4G,slots=1,slots=2", "4G,=3"):
+        with pytest.raises(OptionError):
+            parse_keyval("-m", bad, "size")
+
+
+def test_options_build_the_machine_config() -> None:
+    cfg = config("-m", "4G,maxmem=1028G,slots=13", "-object", "memory-backend-ram,id=mem0,size=500G",
+                 "-device", "virtio-mem,id=vmem0,memdev=mem0,requested-size=2G,block-size=4M,"
+                 "memslots=usable,protect=block,max-memslots=64", "-append", "x=1", "-no-reboot")
+    assert (cfg.ram_size, cfg.maxmem, cfg.slots, cfg.cmdline, cfg.no_reboot) == \
+        (4 * GiB, 1028 * GiB, 13, "x=1", True)
+    props = cfg.memory_devices[0]
+    assert (props.id, props.memdev.name, props.memdev.size) == ("vmem0", "mem0", 500 * GiB)
+    assert (props.requested_size, props.block_size, props.max_memslots) == (2 * GiB, 4 * MiB, 64)
+    assert (props.memslots.value, props.protect.value) == ("usable", "block")
+    props.memdev.close()
+
+
+@pytest.mark.parametrize("argv,option,why", [
+    (["-m", "4Q"], "-m", "is not a size"),
+    (["-m", "4G,maxmem=8G,color=red"], "-m", "unknown key"),
+    (["-m", "1G", "-object", "memory-backend-file,id=m,size=1G"], "-object", "is not one of"),
+    (["-m", "1G", "-object", "memory-backend-ram,id=m"], "-object", "needs id= and size="),
+    (["-m", "1G", "-device", "virtio-net,id=n"], "-device", "only virtio-mem"),
+    (["-m", "1G", "-device", "virtio-mem,id=v,memdev=none"], "-device", "no -object"),
+    (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,id=v,memdev=m,block-size=3M"], "-device", "power of two"),
+    (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,id=v,memdev=m,memslots=some"], "-device", "must be one of"),
+])
+def test_bad_options_are_refused_naming_the_option(argv, option: str, why: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OptionError) as info:
+        config(*argv)
+    assert info.value.option == option and why in str(info.value)
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmmem", "run", *argv], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_refusal_is_one_line_on_stderr() -> None:
+    out = run("-m", "512X", "-kernel", "k")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["kvmmem run: -m: size='512X' is not a size "
+                                               "(examples: 512M, 2G)"]
+
+
+DEVICE = ["-m", "512M,maxmem=8G", "-object", "memory-backend-ram,id=mem0,size=4G",
+          "-device", "virtio-mem,id=vmem0,memdev=mem0,requested-size=1G"]
+
+
+@pytest.mark.kvm
+def test_run_boots_the_guest_and_returns_its_exit_status(tmp_path: Path) -> None:
+    log = tmp_path / "serial.txt"
+    out = run(*DEVICE, "-kernel", str(GUEST), "-append", "kvmmem.steps=8",
+              "-serial", f"file:{log}")
+    assert out.returncode == 1, out.stderr       # guest wrote 0 to port 0xf4: (0 << 1) | 1
+    text = log.read_text()
+    assert "virtio_mmio.device=512@0xd0000000:5" in text
+    assert "plugged=1073741824 requested=1073741824 ok" in text
+
+
+@pytest.mark.kvm
+def test_no_reboot_exits_when_the_guest_resets() -> None:
+    out = run(*DEVICE, "-kernel", str(GUEST), "-append", "kvmmem.reset=1", "-no-reboot")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("resetting") == 1
