@@ -26,7 +26,7 @@ $(EXT): $(STAMP) $(CDEFS)
 	$(PY) cdefs/build_kvm.py
 	touch $@
 
-demo: $(EXT)
+demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
 test: $(EXT) $(GUEST_ELF)

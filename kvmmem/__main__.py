@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{' -> '.join(report.exits)}, said {report.guest_said.decode(errors='replace')!r}")
     print()
     run_demo(modes=args.mode.split(","), size=args.size, requested=args.requested,
-             reboot_last=not args.no_reboot)
+             reboot_last=not args.no_reboot, driver=args.driver)
     return 0
 
 
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="requested sizes in order, comma-separated")
     demo.add_argument("--no-reboot", action="store_true",
                       help="do not reboot after the last requested size")
+    demo.add_argument("--driver", choices=("guest", "host"), default="guest",
+                      help="who sends the requests: the test guest under KVM (default) "
+                      "or a host-side stand-in")
     demo.set_defaults(func=_demo)
     sub.add_parser("run", help="start a VM, options spelled as QEMU's (kvmmem run -h)")
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ def test_sizes_parse_and_format_like_qemu() -> None:
 @pytest.mark.kvm
 def test_demo_replays_the_seed_in_usable_mode_and_dynamic_counterpart() -> None:
     lines: list[str] = []
-    run_demo(say=lines.append)
+    run_demo(driver="host", say=lines.append)
     text = "\n".join(lines)
     usable, dynamic = text.split("== memslots=dynamic")
     for listing in seed_listings():
@@ -38,6 +38,19 @@ def test_demo_replays_the_seed_in_usable_mode_and_dynamic_counterpart() -> None:
     assert counts == [0, 2, 20, 5]
     plugged = re.findall(r"plugged (\S+) \|", text)
     assert plugged == ["0", "2G", "20G", "5G"] * 2
+
+
+@pytest.mark.kvm
+def test_demo_with_the_test_guest_as_driver() -> None:
+    lines: list[str] = []
+    run_demo(modes=("usable", "dynamic"), size=16 * GiB, requested=(2 * GiB, 3 * GiB, GiB),
+             ram=512 * MiB, maxmem=24 * GiB, say=lines.append)
+    text = "\n".join(lines)
+    assert text.count("driven by the test guest under KVM") == 2
+    usable, dynamic = text.split("== memslots=dynamic")
+    assert [int(n) for n in re.findall(r"memslots: (\d+) of the device", usable)] == [0, 3, 4, 2]
+    assert [int(n) for n in re.findall(r"memslots: (\d+) of the device", dynamic)] == [0, 2, 3, 1]
+    assert re.findall(r"plugged (\S+) \|", text) == ["0", "2G", "3G", "1G"] * 2
 
 
 @pytest.mark.kvm

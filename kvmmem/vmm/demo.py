@@ -3,29 +3,38 @@
 A pc machine with 4 GiB of RAM and a 500 GiB virtio-mem device is asked for
 2 GiB, 20 GiB, then 5 GiB followed by a reboot. After each step the demo
 prints the ``device-memory`` part of ``info mtree`` (in ``usable`` mode the
-seed's listings), the memslots the device holds, the plugged size, and the
-kernel memory KVM's metadata costs, measured in a memory cgroup, next to
-what the same device costs as one memslot (``single``). The driver is the
-host-side :class:`~kvmmem.devices.virtio_mem_driver.HostDriver`, which sends
-the requests Linux's driver sends.
+seed's listings), the memslots the device holds, the plugged size the guest
+reports, and the kernel memory KVM's metadata costs, measured in a memory
+cgroup, next to what the same device costs as one memslot (``single``).
+
+The driver is the test guest (``build/guest/guest.elf``) booted under KVM,
+which plugs and unplugs through virtio-mmio as Linux's driver does; with
+``driver="host"`` requests come from the host-side
+:class:`~kvmmem.devices.virtio_mem_driver.HostDriver` instead (no guest).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_driver import HostDriver
 from kvmmem.kvm import Kvm
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.kmem import KmemError, KmemProbe
+from kvmmem.vmm.machine import Machine, MachineConfig
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.units import format_size, mib
 
 GiB = 1 << 30
+GUEST_ELF = Path(__file__).resolve().parents[2] / "build" / "guest" / "guest.elf"
+STEP_LINE = re.compile(r"plugged=(\d+) requested=(\d+) ok")
 Say = Callable[[str], None]
 
 
@@ -60,59 +69,150 @@ def device_memory_listing(machine: MachineMemory) -> list[str]:
     return block
 
 
-def _machine(kvm: Kvm, mode: str, size: int, ram: int, maxmem: int):  # type: ignore[no-untyped-def]
-    vm = kvm.create_vm()
-    machine = MachineMemory(vm, ram, maxmem=maxmem, slots=13)
-    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=mode))
-    return vm, machine, dev
+class GuestDriver:
+    """The test guest in a running machine, seen through its UART lines."""
+
+    def __init__(self, kvm: Kvm, props: VirtioMemProps, ram: int, maxmem: int,
+                 kernel: Path) -> None:
+        if not kernel.exists():
+            raise FileNotFoundError(f"test guest {kernel} is missing: run `make` first")
+        self._partial = bytearray()
+        self._settled = threading.Semaphore(0)
+        self.reported = 0
+        self.machine = Machine(MachineConfig(ram_size=ram, kernel=str(kernel), maxmem=maxmem,
+                                             slots=13, memory_devices=[props],
+                                             serial=self._serial), kvm)
+        self.dev = self.machine.devices[props.id]
+        self._thread = threading.Thread(target=self.machine.run, daemon=True)
+        self._thread.start()
+        self.wait()
+
+    def _serial(self, data: bytes) -> None:
+        self._partial += data
+        if data != b"\n":
+            return
+        line = self._partial.decode(errors="replace").strip()
+        self._partial.clear()
+        step = STEP_LINE.search(line)
+        if step:
+            self.reported = int(step[1])
+            _progress(f"guest: plugged {format_size(self.reported)} of "
+                      f"{format_size(int(step[2]))}")
+        elif line == "waiting for a config change":
+            self._settled.release()
+        elif line.startswith(("error", "pattern mismatch", "busy")):
+            raise RuntimeError(f"the guest reports: {line}")
+
+    def wait(self, timeout: float = 300) -> None:
+        if not self._settled.acquire(timeout=timeout):
+            raise TimeoutError("the guest did not reach requested-size in time")
+        _progress("")
+
+    def resize(self, size: int, reboot: bool) -> None:
+        with self.machine.lock:
+            self.dev.set_requested_size(size)
+        self.wait()
+        if reboot:
+            self.machine.request_reset()
+            self.wait()
+
+    def close(self) -> None:
+        self.machine.shutdown(0)
+        self._thread.join(30)
+        self.machine.close()
+
+
+class HostSideDriver:
+    """The same steps with requests sent from the host (no guest)."""
+
+    def __init__(self, kvm: Kvm, props: VirtioMemProps, ram: int, maxmem: int) -> None:
+        self.vm = kvm.create_vm()
+        self.memory = MachineMemory(self.vm, ram, maxmem=maxmem, slots=13)
+        self.dev = VirtioMem(props)
+        self.memory.plug(self.dev)
+        self.driver = HostDriver(self.dev)
+
+    @property
+    def reported(self) -> int:
+        return self.dev.plugged_size
+
+    def resize(self, size: int, reboot: bool) -> None:
+        self.dev.set_requested_size(size)
+        self.driver.sync()
+        if reboot:
+            self.memory.system_reset()
+            self.driver.reboot()
+            self.driver.sync()
+
+    def close(self) -> None:
+        self.memory.close()
+        self.vm.close()
 
 
 def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB,
              requested: Sequence[int] = (2 * GiB, 20 * GiB, 5 * GiB), reboot_last: bool = True,
-             ram: int = 4 * GiB, maxmem: int = 1028 * GiB, say: Say = print) -> None:
+             ram: int = 4 * GiB, maxmem: int = 1028 * GiB, driver: str = "guest",
+             kernel: Path = GUEST_ELF, say: Say = print) -> None:
     """Replay the seed in each mode and print what happened."""
     with ExitStack() as stack, Kvm() as kvm:
         meter = _Meter(stack)
         if meter.probe is None:
             say(f"(kernel memory cannot be measured here: {meter.why})")
-        vm, machine, dev = _machine(kvm, "single", size, ram, maxmem)
-        before = meter.read()
-        t0 = time.perf_counter()
-        machine.plug(dev)
-        single_seconds = time.perf_counter() - t0
-        single = None if before is None else meter.read() - before  # type: ignore[operator]
-        machine.close(), vm.close(), dev.memdev.close()
-        say(f"baseline, memslots=single: the {format_size(size)} device is one memslot: "
-            f"{_fmt(single)} of KVM metadata, created in {single_seconds:.2f} s")
-
+        single, seconds = _single_cost(kvm, meter, size, ram, maxmem)
+        say(f"baseline, memslots=single: the {format_size(size)} device alone, one memslot, "
+            f"costs {_fmt(single)} of KVM metadata (created in {seconds:.2f} s)")
         for mode in modes:
-            vm, machine, dev = _machine(kvm, mode, size, ram, maxmem)
+            props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=mode)
             before = meter.read()
-            machine.plug(dev)
-            driver = HostDriver(dev)
+            if driver == "guest":
+                session: GuestDriver | HostSideDriver = GuestDriver(kvm, props, ram, maxmem, kernel)
+                memory = session.machine.memory
+                who = "the test guest under KVM"
+            else:
+                session = HostSideDriver(kvm, props, ram, maxmem)
+                memory = session.memory
+                who = "the host-side driver"
+            dev = session.dev
             say("")
             say(f"== memslots={mode}: {format_size(size)} virtio-mem on a {format_size(ram)} pc "
-                f"machine, {dev.memslot_size // GiB} GiB memslots ==")
+                f"machine, {dev.memslot_size // GiB} GiB memslots, driven by {who} ==")
             steps = [(0, False)] + [(r, reboot_last and i == len(requested) - 1)
                                     for i, r in enumerate(requested)]
-            for value, reboot in steps:
-                dev.set_requested_size(value)
-                _progress(f"driver: plugging towards {format_size(value)}")
-                driver.sync()
-                if reboot:
-                    machine.system_reset()
-                    driver.reboot()
-                    driver.sync()
-                _progress("")
-                label = f"requested-size {format_size(value)}" + (", then reboot" if reboot else "")
-                cost = None if before is None else meter.read() - before  # type: ignore[operator]
-                say(f"-- {label}")
-                for line in device_memory_listing(machine):
-                    say(line)
-                say(f"   memslots: {len(dev.mapped_memslots)} of the device, {vm.used_memslots} "
-                    f"in KVM | plugged {format_size(dev.plugged_size)} | KVM metadata of the "
-                    f"device {_fmt(cost)} (single: {_fmt(single)})")
-            machine.close(), vm.close(), dev.memdev.close()
+            empty: int | None = None
+            try:
+                for value, reboot in steps:
+                    if value or reboot:
+                        session.resize(value, reboot)
+                    cost = None if before is None else meter.read() - before  # type: ignore[operator]
+                    empty = cost if empty is None else empty
+                    growth = "" if cost is None or cost is empty else \
+                        f", +{_fmt(cost - empty)} over nothing plugged"  # type: ignore[operator]
+                    say(f"-- requested-size {format_size(value)}" + (", then reboot" if reboot else ""))
+                    for line in device_memory_listing(memory):
+                        say(line)
+                    say(f"   memslots: {len(dev.mapped_memslots)} of the device, "
+                        f"{memory.vm.used_memslots} in KVM | plugged {format_size(session.reported)} "
+                        f"| KVM kernel memory of the VM {_fmt(cost)}{growth}")
+            finally:
+                session.close()
+                props.memdev.close()  # type: ignore[union-attr]
+
+
+def _single_cost(kvm: Kvm, meter: _Meter, size: int, ram: int,
+                 maxmem: int) -> tuple[int | None, float]:
+    """KVM metadata and creation time of the device as one memslot."""
+    with kvm.create_vm() as vm:
+        memory = MachineMemory(vm, ram, maxmem=maxmem, slots=13)
+        dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"),
+                                       memslots="single"))
+        before = meter.read()
+        t0 = time.perf_counter()
+        memory.plug(dev)
+        seconds = time.perf_counter() - t0
+        cost = None if before is None else meter.read() - before  # type: ignore[operator]
+        memory.close()
+        dev.memdev.close()
+    return cost, seconds
 
 
 def _progress(text: str) -> None:
