@@ -207,6 +207,9 @@ class PlugBitmap:
         return first + n
 
 
+_FIRST_ONLY = frozenset({0})
+
+
 def memslots_to_map(mode: MemslotMode | str, memslot_size: int, region_size: int,
                     usable_region_size: int, bitmap: PlugBitmap | None = None) -> frozenset[int]:
     """Indices of the memslots that must be mapped now.
@@ -221,17 +224,27 @@ def memslots_to_map(mode: MemslotMode | str, memslot_size: int, region_size: int
     _check_int("usable_region_size", usable_region_size)
     if not 0 <= usable_region_size <= region_size:
         raise ValueError(f"usable region size {usable_region_size:#x} is outside 0..{region_size:#x}")
+    if mode is MemslotMode.DYNAMIC and bitmap is not None and (
+            region_size % bitmap.nb_blocks
+            or (region_size // bitmap.nb_blocks) * bitmap.blocks_per_memslot != memslot_size):
+        raise ValueError(f"bitmap of {bitmap.nb_blocks} blocks, {bitmap.blocks_per_memslot} per memslot, "
+                         f"does not match region size {region_size:#x} and memslot size {memslot_size:#x}")
+    return frozenset(wanted_memslots(mode, memslot_size, usable_region_size, bitmap))
+
+
+def wanted_memslots(mode: MemslotMode, memslot_size: int, usable_region_size: int,
+                    bitmap: PlugBitmap | None) -> Set[int]:
+    """:func:`memslots_to_map` without its argument checks, for the device,
+    whose geometry is fixed and consistent from the start (it runs on every
+    request). In dynamic mode the answer is the bitmap's own set of populated
+    memslots, not a copy: read it before the next plug or unplug."""
     if mode is MemslotMode.SINGLE:
-        return frozenset({0})
+        return _FIRST_ONLY
     if mode is MemslotMode.USABLE:
         return frozenset(range(-(-usable_region_size // memslot_size)))
     if bitmap is None:
         raise ValueError("dynamic mode needs the plug bitmap")
-    if region_size % bitmap.nb_blocks or (region_size // bitmap.nb_blocks) * bitmap.blocks_per_memslot \
-            != memslot_size:
-        raise ValueError(f"bitmap of {bitmap.nb_blocks} blocks, {bitmap.blocks_per_memslot} per memslot, "
-                         f"does not match region size {region_size:#x} and memslot size {memslot_size:#x}")
-    return bitmap.populated_memslots()
+    return bitmap._populated
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kvmmem.devices.memslot_plan import MemslotMode, PlugBitmap, memslots_to_map
+from kvmmem.devices.memslot_plan import MemslotMode, PlugBitmap, wanted_memslots
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
 from kvmmem.devices.virtio_mem_proto import (
     VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, BlockState, Config,
@@ -86,10 +86,11 @@ class VirtioMem:
             raise RuntimeError(f"{self.id} is already realized")
         backing = VirtioMemBacking(self.memdev, self.props.memslots, memslot_size,
                                    self.block_size, self.props.protect is ProtectMode.BLOCK)
-        self.bitmap = PlugBitmap(self.region_size // self.block_size, backing.blocks_per_memslot)
+        bits = self.bitmap = PlugBitmap(self.region_size // self.block_size,
+                                        backing.blocks_per_memslot)
         self.backing, self.addr = backing, addr
         self.usable_region_size = self._usable_target()
-        self._sync_memslots()
+        self._sync_memslots(backing, bits)
         return backing.top
 
     def unrealize(self) -> MemoryRegion:
@@ -160,23 +161,25 @@ class VirtioMem:
 
     def process(self, req: Request) -> Response:
         """Validate, process and answer one parsed request."""
-        if not self.realized:
+        bits = self.bitmap
+        if self.backing is None or bits is None:
             return Response.error()
-        if req.type is RequestType.UNPLUG_ALL:
+        rtype = req.type
+        if rtype is RequestType.UNPLUG_ALL:
             return Response.ack() if self._try(self._unplug_all) else Response.busy()
+        block_size = self.props.block_size
         try:
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
                                    usable_region_size=self.usable_region_size,
-                                   block_size=self.block_size)
+                                   block_size=block_size)
         except InvalidRange as exc:
             log.debug("%s: %s -> ERROR (%s)", self.id, req, exc)
             return Response.error()
         n = req.nb_blocks
-        bits = self._bits()
-        if req.type is RequestType.STATE:
+        if rtype is RequestType.STATE:
             return Response.ack(bits.state(first, n))
-        plug = req.type is RequestType.PLUG
-        if plug and self.plugged_size + n * self.block_size > self.requested_size:
+        plug = rtype is RequestType.PLUG
+        if plug and self.plugged_size + n * block_size > self.props.requested_size:
             return Response.nack()
         if bits.any_in_state(first, n, plugged=plug):
             return Response.error()
@@ -184,43 +187,45 @@ class VirtioMem:
         return Response.ack() if ok else Response.busy()
 
     def _plug(self, first: int, n: int) -> None:
-        backing, bits = self._backing(), self._bits()
+        backing, bits = self.backing, self.bitmap
+        assert backing is not None and bits is not None     # process() checked
         backing.acquire(first, n, self.props.prealloc)
         bits.plug(first, n)
         try:
-            self._sync_memslots()
+            self._sync_memslots(backing, bits)
         except BaseException:
             bits.unplug(first, n)
             backing.release([(first, n)])
             raise
-        self._set_plugged()
+        self._set_plugged(bits)
 
     def _unplug(self, first: int, n: int) -> None:
-        bits = self._bits()
+        backing, bits = self.backing, self.bitmap
+        assert backing is not None and bits is not None     # process() checked
         bits.unplug(first, n)
         try:
-            self._sync_memslots()
+            self._sync_memslots(backing, bits)
         except BaseException:
             bits.plug(first, n)
             raise
-        self._backing().release([(first, n)])
-        self._set_plugged()
+        backing.release([(first, n)])
+        self._set_plugged(bits)
 
     def _unplug_all(self) -> None:
-        bits = self._bits()
+        backing, bits = self._backing(), self._bits()
         runs = list(bits.plugged_runs())
         old_usable = self.usable_region_size
         bits.clear()
         self.usable_region_size = self._usable_target()
         try:
-            self._sync_memslots()
+            self._sync_memslots(backing, bits)
         except BaseException:
             for first, n in runs:
                 bits.plug(first, n)
             self.usable_region_size = old_usable
             raise
-        self._backing().release(runs)
-        self._set_plugged()
+        backing.release(runs)
+        self._set_plugged(bits)
         if self.usable_region_size != old_usable:
             self._notify_config()
 
@@ -244,7 +249,7 @@ class VirtioMem:
         if self.realized:
             self.usable_region_size = max(old_usable, self._usable_target())
             try:
-                self._sync_memslots()
+                self._sync_memslots(self._backing(), self._bits())
             except _HOST_FAILURES as exc:
                 self.props.requested_size, self.usable_region_size = old_requested, old_usable
                 raise VirtioMemPropertyError(f"{self.id}: cannot map memslots for "
@@ -267,19 +272,18 @@ class VirtioMem:
     def _usable_target(self) -> int:
         return usable_region_size(self.region_size, self.requested_size, self.block_size)
 
-    def _sync_memslots(self) -> None:
-        backing = self._backing()
+    def _sync_memslots(self, backing: VirtioMemBacking, bits: PlugBitmap) -> None:
+        """Map exactly the memslots the mode wants now."""
         if backing.mode is MemslotMode.SINGLE:
             return
-        wanted = memslots_to_map(backing.mode, backing.memslot_size, self.region_size,
-                                 self.usable_region_size, self._bits())
         before = len(backing.mapped)
-        backing.set_mapped(wanted, self._bits())
+        backing.set_mapped(wanted_memslots(backing.mode, backing.memslot_size,
+                                           self.usable_region_size, bits), bits)
         if len(backing.mapped) != before and self.on_memslots_change is not None:
             self.on_memslots_change(len(backing.mapped))
 
-    def _set_plugged(self) -> None:
-        size = self._bits().plugged_count * self.block_size
+    def _set_plugged(self, bits: PlugBitmap) -> None:
+        size = bits.plugged_count * self.props.block_size
         if size != self.plugged_size:
             self.plugged_size = size
             if self.on_size_change is not None:

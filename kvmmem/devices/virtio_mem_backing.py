@@ -68,7 +68,7 @@ class VirtioMemBacking:
         changes = plan_changes(self.mapped, wanted)
         if not changes.map and not changes.unmap:
             return
-        guarded = [i for i in changes.map if self.protect_blocks]
+        guarded = changes.map if self.protect_blocks else ()
         for index in guarded:
             self._guard_unplugged(index, bitmap, True)
         try:
@@ -111,12 +111,15 @@ class VirtioMemBacking:
     def release(self, runs: Iterable[tuple[int, int]]) -> None:
         """Give unplugged blocks back to the host: guard them where a mapped
         memslot still covers them, and discard their pages."""
+        bs = self.block_size
         for first, n in runs:
+            if not self.protect_blocks:
+                self.host.discard(first * bs, n * bs)
+                continue
             for start, count in self._pieces(first, n, mapped_only=False):
-                offset, size = start * self.block_size, count * self.block_size
-                if self.protect_blocks and self.is_mapped(start // self.blocks_per_memslot):
-                    self.host.protect(offset, size)
-                self.host.discard(offset, size)
+                if self.is_mapped(start // self.blocks_per_memslot):
+                    self.host.protect(start * bs, count * bs)
+                self.host.discard(start * bs, count * bs)
 
     def _guard_unplugged(self, index: int, bitmap: PlugBitmap, guard: bool) -> None:
         first, n = bitmap.memslot_blocks(index)

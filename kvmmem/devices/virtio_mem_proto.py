@@ -48,6 +48,10 @@ class RequestType(IntEnum):
     STATE = 3
 
 
+# Wire value -> RequestType without an enum call per request.
+_REQUEST_TYPES = {t.value: t for t in RequestType}
+
+
 class ResponseType(IntEnum):
     """How the device answers."""
 
@@ -127,11 +131,17 @@ class Request:
         Raises MalformedRequest for a short buffer or an unknown type.
         """
         _check_length(buf, REQUEST_SIZE, "request", MalformedRequest)
-        rtype, addr, nb_blocks = _REQUEST.unpack_from(buf)
-        try:
-            return cls(RequestType(rtype), addr, nb_blocks)
-        except ValueError:
-            raise MalformedRequest(f"unknown virtio-mem request type {rtype}") from None
+        raw_type, addr, nb_blocks = _REQUEST.unpack_from(buf)
+        rtype = _REQUEST_TYPES.get(raw_type)
+        if rtype is None:
+            raise MalformedRequest(f"unknown virtio-mem request type {raw_type}")
+        # The field widths of the format bound addr and nb_blocks: the checks
+        # of __post_init__ (for requests built in Python) cannot fail here.
+        req = object.__new__(cls)
+        object.__setattr__(req, "type", rtype)
+        object.__setattr__(req, "addr", addr)
+        object.__setattr__(req, "nb_blocks", nb_blocks)
+        return req
 
     def pack(self) -> bytes:
         """Encode as the 24-byte wire format, padding zeroed."""
@@ -152,22 +162,25 @@ class Response:
             raise ValueError(f"unknown virtio-mem response type {self.type!r}") from None
         _check_uint("state", self.state, U16_MAX)
 
+    # The answers without a state are immutable: one shared instance each
+    # (filled in below the class) spares building one per request.
+
     @classmethod
     def ack(cls, state: BlockState | None = None) -> Response:
         """ACK; pass ``state`` when answering STATE."""
-        return cls(ResponseType.ACK, 0 if state is None else BlockState(state))
+        return _ACK if state is None else cls(ResponseType.ACK, BlockState(state))
 
     @classmethod
     def nack(cls) -> Response:
-        return cls(ResponseType.NACK)
+        return _NACK
 
     @classmethod
     def busy(cls) -> Response:
-        return cls(ResponseType.BUSY)
+        return _BUSY
 
     @classmethod
     def error(cls) -> Response:
-        return cls(ResponseType.ERROR)
+        return _ERROR
 
     @property
     def block_state(self) -> BlockState:
@@ -187,6 +200,10 @@ class Response:
     def pack(self) -> bytes:
         """Encode as the 10-byte wire format, padding zeroed."""
         return _RESPONSE.pack(self.type, self.state)
+
+
+_ACK, _NACK, _BUSY, _ERROR = (Response(t) for t in (ResponseType.ACK, ResponseType.NACK,
+                                                     ResponseType.BUSY, ResponseType.ERROR))
 
 
 @dataclass(frozen=True)

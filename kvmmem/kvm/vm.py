@@ -161,10 +161,12 @@ class Vm(FdObject):
             if slot not in self._slots:
                 raise KvmError(errno.ENOENT, name, f"memslot {slot} is not registered")
             return
-        for what, value in (("guest_phys_addr", gpa), ("memory_size", size), ("userspace_addr", uaddr)):
-            if value % PAGE_SIZE:
-                raise KvmError(errno.EINVAL, name, f"{what} {value:#x} is not a multiple of "
-                               f"the {PAGE_SIZE}-byte page size")
+        if (gpa | size | uaddr) % PAGE_SIZE:
+            for what, value in (("guest_phys_addr", gpa), ("memory_size", size),
+                                ("userspace_addr", uaddr)):
+                if value % PAGE_SIZE:
+                    raise KvmError(errno.EINVAL, name, f"{what} {value:#x} is not a multiple of "
+                                   f"the {PAGE_SIZE}-byte page size")
         if lib.kvmmem_range_mapped(uaddr, size) != 0:
             raise KvmError(errno.EFAULT, name, f"host range {uaddr:#x}+{size:#x} is not "
                            "(entirely) mapped in this process")

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from typing import Callable, Iterator
+from types import TracebackType
+from typing import Callable
 
 from kvmmem.memory import region as _region
 from kvmmem.memory.flatview import FlatRange, FlatView, diff, render, simplify
@@ -72,8 +73,17 @@ class _Transaction:
         self.journal: list[Callable[[], None]] = []
         self.replaying = False
         self.updating = False           # listeners are being called
-        self.spaces: weakref.WeakValueDictionary[int, AddressSpace] = \
-            weakref.WeakValueDictionary()
+        # Weak references by space id, in creation order; a space that dies
+        # removes its entry (a plain dict: cheaper to walk on every commit
+        # than a WeakValueDictionary).
+        self.spaces: dict[int, weakref.ref[AddressSpace]] = {}
+
+    def live_spaces(self) -> list[AddressSpace]:
+        return [space for ref in list(self.spaces.values()) if (space := ref()) is not None]
+
+    def track(self, space: AddressSpace) -> None:
+        spaces, key = self.spaces, space._id
+        spaces[key] = weakref.ref(space, lambda _: spaces.pop(key, None))
 
     def begin(self) -> None:
         if self.updating:
@@ -105,7 +115,10 @@ class _Transaction:
 
     def _update_all(self) -> None:
         updates = []
-        for space in list(self.spaces.values()):
+        for ref in list(self.spaces.values()):
+            space = ref()
+            if space is None:
+                continue
             update = space._prepare()
             if update is not None:
                 updates.append((space, update))
@@ -121,26 +134,23 @@ class _Transaction:
         finally:
             self.updating = False
         for space, (rendered, view, _, _) in updates:
-            space._install(rendered, view)
+            space._view, space._rendered = view, rendered
 
     def _rollback(self, log: _CallLog) -> None:
         """Undo applied listener calls and tree mutations after a failed update."""
         errors = log.undo()
         self.updating = False
         self.revert_to(0)
-        for space in list(self.spaces.values()):
+        for space in self.live_spaces():
             space._rendered = None          # next commit compares against the old view
         if errors:
             raise MemoryRollbackError(f"undoing a failed memory commit failed: {errors[0]}"
                                       ) from errors[0]
 
 
-class _CallLog:
-    """The listener calls one update has made, so that they can be undone."""
-
-    def __init__(self) -> None:
-        # Per bracket, in call order: (listener, [bracket still open?], calls made).
-        self.entries: list[tuple[MemoryListener, list[bool], list[tuple[bool, FlatRange]]]] = []
+class _CallLog(list[tuple[MemoryListener, list[bool], list[tuple[bool, FlatRange]]]]):
+    """The listener calls one update has made, so that they can be undone: per
+    bracket, in call order, (listener, [bracket still open?], calls made)."""
 
     def notify(self, listener: MemoryListener, removed: list[FlatRange],
                added: list[FlatRange]) -> None:
@@ -148,7 +158,7 @@ class _CallLog:
         listener.begin()
         state = [True]
         calls: list[tuple[bool, FlatRange]] = []
-        self.entries.append((listener, state, calls))
+        self.append((listener, state, calls))
         for fr in reversed(removed):
             listener.region_del(fr)
             calls.append((False, fr))
@@ -161,7 +171,7 @@ class _CallLog:
     def undo(self) -> list[Exception]:
         """Reverse every logged call, latest first; returns the errors met."""
         errors: list[Exception] = []
-        for listener, state, calls in reversed(self.entries):
+        for listener, state, calls in reversed(self):
             try:
                 if not state[0]:
                     listener.begin()    # a completed bracket: open one for the undo
@@ -194,23 +204,30 @@ def transaction_depth() -> int:
     return _TXN.depth
 
 
-@contextlib.contextmanager
-def memory_transaction() -> Iterator[None]:
-    """Group mutations into one update; an exception in the body reverts them."""
-    mark = len(_TXN.journal)
-    _TXN.begin()
-    try:
-        yield
-    except BaseException:
-        _TXN.revert_to(mark)
+class memory_transaction(contextlib.ContextDecorator):  # noqa: N801 - used as a function
+    """Group mutations into one update; an exception in the body reverts them.
+
+    A class rather than a generator-based context manager, as it is entered
+    on every memslot change; like one, it also decorates functions.
+    """
+
+    def _recreate_cm(self) -> memory_transaction:
+        return memory_transaction()      # one scope per decorated call
+
+    def __enter__(self) -> None:
+        self.mark = len(_TXN.journal)
+        _TXN.begin()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            _TXN.revert_to(self.mark)
         _TXN.commit()
-        raise
-    _TXN.commit()
 
 
 def address_spaces() -> list[AddressSpace]:
     """Live address spaces, in creation order."""
-    return list(_TXN.spaces.values())
+    return _TXN.live_spaces()
 
 
 _space_ids = itertools.count()
@@ -231,7 +248,7 @@ class AddressSpace:
         self._id = next(_space_ids)
         self._rendered: list[FlatRange] | None = render(root)
         self._view = FlatView(root, simplify(self._rendered))
-        _TXN.spaces[self._id] = self
+        _TXN.track(self)
 
     @property
     def flatview(self) -> FlatView:
@@ -315,10 +332,6 @@ class AddressSpace:
             self._rendered = rendered
             return None
         return rendered, FlatView(self.root, ranges), removed, added
-
-    def _install(self, rendered: list[FlatRange], view: FlatView) -> None:
-        self._view = view
-        self._rendered = rendered
 
     def _access(self, addr: int, size: int) -> tuple[FlatRange, int]:
         fr = self._view.lookup(addr)

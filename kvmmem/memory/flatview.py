@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from operator import attrgetter
 from typing import Iterator, Sequence
 
 from kvmmem.memory.region import ADDR_SPACE_END, MemoryRegion, RegionKind
 
 __all__ = ["FlatRange", "FlatView", "render", "simplify", "diff"]
+
+_range_start = attrgetter("start")
 
 _ALIAS = RegionKind.ALIAS
 _CONTAINER = RegionKind.CONTAINER
@@ -82,7 +83,7 @@ class FlatView:
     def __init__(self, root: MemoryRegion | None, ranges: Sequence[FlatRange]) -> None:
         self.root = root
         self.ranges: tuple[FlatRange, ...] = tuple(ranges)
-        self._starts = [r.start for r in self.ranges]
+        self._starts = list(map(_range_start, self.ranges))
 
     def lookup(self, addr: int) -> FlatRange | None:
         """The range holding ``addr``, or None where nothing is mapped."""
@@ -154,7 +155,8 @@ def _render(mr: MemoryRegion, base: int, lo: int, hi: int, ro: bool, unm: bool,
     return out
 
 
-_first_start = itemgetter(0)
+def _part_start(part: list[FlatRange]) -> int:
+    return part[0].start
 
 
 def _combine(parts: list[list[FlatRange]]) -> list[FlatRange]:
@@ -165,14 +167,16 @@ def _combine(parts: list[list[FlatRange]]) -> list[FlatRange]:
         return parts[0]
     # Common case: siblings do not overlap, so priority is moot.  Sort the
     # parts by address (nearly sorted already: a linear pass for Timsort).
-    spans = sorted(((p[0].start, p[-1].start + p[-1].size, p) for p in parts),
-                   key=_first_start)
+    by_address = sorted(parts, key=_part_start)
+    out: list[FlatRange] = []
     prev_end = -1
-    for s, e, _ in spans:
-        if s < prev_end:
+    for part in by_address:
+        if part[0].start < prev_end:
             return _overlay(parts)
-        prev_end = e
-    return list(chain.from_iterable(p for _, _, p in spans))
+        last = part[-1]
+        prev_end = last.start + last.size
+        out += part
+    return out
 
 
 def _overlay(parts: list[list[FlatRange]]) -> list[FlatRange]:
@@ -214,7 +218,8 @@ def simplify(ranges: Sequence[FlatRange]) -> list[FlatRange]:
     out: list[FlatRange] = []
     prev: FlatRange | None = None
     for fr in ranges:
-        if prev is not None and _mergeable(prev, fr):
+        # most ranges of a memslot-heavy view are unmergeable: test that first
+        if not fr.unmergeable and prev is not None and _mergeable(prev, fr):
             alias = prev.alias if prev.alias is fr.alias else None
             prev = FlatRange(prev.start, prev.size + fr.size, prev.region, prev.offset,
                              prev.readonly, False, alias)

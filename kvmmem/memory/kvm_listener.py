@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from kvmmem.memory.address_space import AddressSpace, MemoryListener
 from kvmmem.memory.flatview import FlatRange
 from kvmmem.memory.host import PAGE_SIZE
+from kvmmem.memory.region import RegionKind
 
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm
@@ -48,7 +49,9 @@ class KvmMemoryListener(MemoryListener):
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
-        self._by_start: dict[int, tuple[FlatRange, MemslotRecord]] = {}
+        # fr.start -> (fr, slot, guest address, size, host address, flags);
+        # the MemslotRecords are built when asked for, not on every change.
+        self._by_start: dict[int, tuple[FlatRange, int, int, int, int, int]] = {}
         # Slots freed in the current bracket, so that an undo re-creates a
         # range under its old id (a rollback leaves KVM exactly as it was).
         self._freed: dict[FlatRange, int] = {}
@@ -60,44 +63,43 @@ class KvmMemoryListener(MemoryListener):
         self._freed.clear()
 
     def region_add(self, fr: FlatRange) -> None:
-        if not fr.is_ram:
+        if fr.region.kind is not RegionKind.RAM:
             return
         gpa, size, hva = _page_aligned(fr)
         if size <= 0:
             return                       # smaller than a page: left to MMIO emulation
         flags = KVM_MEM_READONLY if fr.readonly else 0
-        slot = self._freed.pop(fr, None)
+        slot = self._freed.pop(fr, None) if self._freed else None
         if slot is not None and slot not in self.vm.memslots:
             self.vm.set_user_memory_region(slot, gpa, size, hva, flags)
         else:
             slot = self.vm.add_memslot(gpa, size, hva, flags)
-        alias = fr.alias.name if fr.alias is not None else None
-        self._by_start[fr.start] = (fr, MemslotRecord(slot, gpa, size, hva, flags,
-                                                      fr.region.name, alias))
+        self._by_start[fr.start] = (fr, slot, gpa, size, hva, flags)
 
     def region_del(self, fr: FlatRange) -> None:
         entry = self._by_start.get(fr.start)
         if entry is None:
             return                       # an I/O or sub-page range: no slot
-        mapped, record = entry
-        if mapped != fr:
+        mapped, slot = entry[0], entry[1]
+        if mapped is not fr and mapped != fr:
             raise RuntimeError(f"KVM listener out of sync: asked to delete {fr}, "
                                f"but {mapped} is mapped there")
-        self.vm.delete_memslot(record.slot)
+        self.vm.delete_memslot(slot)
         del self._by_start[fr.start]
-        self._freed[fr] = record.slot
+        self._freed[fr] = slot
 
     # -- queries ------------------------------------------------------------
 
     def memslots(self) -> list[MemslotRecord]:
         """The memslots this listener holds, by guest address."""
-        return sorted((rec for _, rec in self._by_start.values()),
-                      key=lambda rec: rec.guest_phys_addr)
+        return [MemslotRecord(slot, gpa, size, hva, flags, fr.region.name,
+                              fr.alias.name if fr.alias is not None else None)
+                for _, (fr, slot, gpa, size, hva, flags) in sorted(self._by_start.items())]
 
     def slot_of(self, fr: FlatRange) -> int | None:
         """The memslot id backing ``fr``, None if it has none."""
         entry = self._by_start.get(fr.start)
-        return entry[1].slot if entry is not None and entry[0] == fr else None
+        return entry[1] if entry is not None and entry[0] == fr else None
 
     def has_memory(self, space: AddressSpace, start: int, size: int) -> bool:
         """Whether a memslot maps exactly ``[start, start+size)`` of ``space``."""
@@ -111,4 +113,4 @@ def _page_aligned(fr: FlatRange) -> tuple[int, int, int]:
     """(guest address, size, host address) of the whole pages inside ``fr``."""
     start = -(-fr.start // PAGE_SIZE) * PAGE_SIZE
     end = (fr.start + fr.size) // PAGE_SIZE * PAGE_SIZE
-    return start, end - start, fr.host_address + (start - fr.start)
+    return start, end - start, fr.region.host_address(fr.offset + (start - fr.start))

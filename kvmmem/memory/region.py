@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from kvmmem.memory.host import HostMemory
@@ -87,7 +88,10 @@ class MemoryRegion:
         self.write_fn: WriteFn | None = None
         # Subregions in rendering order: priority descending, later-added first.
         self._children: list[MemoryRegion] = []
-        self._aliased_by: weakref.WeakSet[MemoryRegion] = weakref.WeakSet()
+        # Weak references to the aliases targeting this region; a dying alias
+        # removes its own (a list, not a WeakSet: testing it is on the path
+        # of every mutation).
+        self._aliased_by: list[weakref.ref[MemoryRegion]] = []
         # (render key, rendered ranges) of the last rendering; see flatview.py.
         self._rcache: tuple[tuple, list[FlatRange]] | None = None
 
@@ -129,7 +133,7 @@ class MemoryRegion:
                              f"its target {target.name!r} of size {target.size:#x}")
         mr = cls(RegionKind.ALIAS, name, size)
         mr.target, mr.alias_offset, mr.unmergeable = target, offset, bool(unmergeable)
-        target._aliased_by.add(mr)
+        target._aliased_by.append(weakref.ref(mr, target._aliased_by.remove))
         return mr
 
     @classmethod
@@ -191,8 +195,8 @@ class MemoryRegion:
                              f"in a 64-bit address space")
         if self._reachable_from(child):
             raise ValueError(f"adding {child.name!r} to {self.name!r} would make a cycle")
-        self._mutate(lambda: self._link(child, offset, priority, None),
-                     lambda: self._unlink(child))
+        self._mutate(partial(self._link, child, offset, priority, None),
+                     partial(self._unlink, child))
 
     def del_subregion(self, child: MemoryRegion) -> None:
         """Unmap ``child`` from this region."""
@@ -200,9 +204,8 @@ class MemoryRegion:
             name = getattr(child, "name", child)
             raise ValueError(f"{name!r} is not a subregion of {self.name!r}")
         index = self._children.index(child)
-        addr, priority = child.addr, child.priority
-        self._mutate(lambda: self._unlink(child),
-                     lambda: self._link(child, addr, priority, index))
+        self._mutate(partial(self._unlink, child),
+                     partial(self._link, child, child.addr, child.priority, index))
 
     def set_enabled(self, enabled: bool) -> None:
         """Show or hide the region (and everything below it) without unmapping it."""
@@ -272,7 +275,8 @@ class MemoryRegion:
                     break
         child.parent, child.addr, child.priority = self, addr, priority
         children.insert(index, child)
-        child._rcache = None
+        # The child keeps its cached rendering: the cache key holds its
+        # position, and it was dropped if anything below the child changed.
         self._invalidate()
 
     def _unlink(self, child: MemoryRegion) -> None:
@@ -280,35 +284,36 @@ class MemoryRegion:
         child.parent = None
         self._invalidate()
 
-    def _invalidate(self) -> None:
-        """Drop the cached rendering of this region and of everything above it."""
-        stack = [self]
-        seen: set[int] = set()
-        while stack:
-            mr = stack.pop()
+    def _invalidate(self, seen: set[int] | None = None) -> None:
+        """Drop the cached rendering of this region and of everything above it:
+        its parents and the aliases showing it (each alias once)."""
+        mr: MemoryRegion | None = self
+        while mr is not None:
             mr._rcache = None
-            if mr.parent is not None:
-                stack.append(mr.parent)
             if mr._aliased_by:
-                for alias in mr._aliased_by:
-                    if id(alias) not in seen:
+                seen = set() if seen is None else seen
+                for ref in list(mr._aliased_by):
+                    alias = ref()
+                    if alias is not None and id(alias) not in seen:
                         seen.add(id(alias))
-                        stack.append(alias)
+                        alias._invalidate(seen)
+            mr = mr.parent
 
     def _reachable_from(self, start: MemoryRegion) -> bool:
         """Whether this region is ``start`` or lies below it (through aliases too)."""
-        # Walk upwards from self: parents and the aliases that target a region.
-        stack, seen = [self], set()
+        # Walk down from start (subregions and alias targets): adding a leaf,
+        # the usual case, costs a step or two whatever the depth of the tree.
+        stack, seen = [start], set()
         while stack:
             mr = stack.pop()
-            if mr is start:
+            if mr is self:
                 return True
             if id(mr) in seen:
                 continue
             seen.add(id(mr))
-            if mr.parent is not None:
-                stack.append(mr.parent)
-            stack.extend(mr._aliased_by)
+            stack.extend(mr._children)
+            if mr.target is not None:
+                stack.append(mr.target)
         return False
 
 
