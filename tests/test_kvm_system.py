@@ -66,3 +66,13 @@ def test_max_memslots_one_liner_from_the_readme() -> None:
         capture_output=True, text=True, check=True)
     with Kvm() as kvm, kvm.create_vm() as vm:
         assert int(out.stdout) == vm.check_extension(lib.KVM_CAP_NR_MEMSLOTS)
+
+
+def test_enable_cap_on_vm_and_refusal_names_the_ioctl(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        assert vm.check_extension(lib.KVM_CAP_HALT_POLL)
+        vm.enable_cap(lib.KVM_CAP_HALT_POLL, 1000)
+        assert vm.ioctl_counts["KVM_ENABLE_CAP"] == 1
+        with pytest.raises(KvmError) as info:       # reported, but not something to enable
+            vm.enable_cap(lib.KVM_CAP_NR_MEMSLOTS)
+        assert info.value.ioctl == "KVM_ENABLE_CAP" and info.value.errno == errno.EINVAL

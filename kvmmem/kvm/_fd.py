@@ -44,6 +44,15 @@ class FdObject:
             raise KvmError(ffi.errno, name, self._closed_detail())
         return ret
 
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP (VM and vCPU fds both take it): turn on ``cap``
+        with up to four arguments."""
+        ec = ffi.new("struct kvm_enable_cap *")
+        ec.cap, ec.flags = cap, flags
+        for i, value in enumerate(args):
+            ec.args[i] = value
+        self._ioctl_ptr("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, ec)
+
     def _closed_detail(self) -> str | None:
         return "the file descriptor is closed" if self._fd < 0 else None
 

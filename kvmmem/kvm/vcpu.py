@@ -88,13 +88,6 @@ class Vcpu(FdObject):
         """KVM_SET_VCPU_EVENTS."""
         self._ioctl_ptr("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
 
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the vCPU fd."""
-        ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap, ec.flags = cap, flags
-        for i, value in enumerate(args):
-            ec.args[i] = value
-        self._ioctl_ptr("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, ec)
 
     # -- running -------------------------------------------------------------
 

@@ -66,13 +66,6 @@ class Vm(FdObject):
         """KVM_CHECK_EXTENSION on the VM fd (answers may differ per VM)."""
         return self._ioctl_int("KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION, cap)
 
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the VM fd."""
-        ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap, ec.flags = cap, flags
-        for i, value in enumerate(args):
-            ec.args[i] = value
-        self._ioctl_ptr("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, ec)
 
     # -- memslots ----------------------------------------------------------
 
