@@ -133,8 +133,10 @@ class Vcpu(FdObject):
         ``signal.signal``), or the signal's default action applies.
         """
         self.run_struct.immediate_exit = 1
-        if self._thread_id is not None:
-            signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+        tid = self._thread_id
+        # signalling a thread that has ended is undefined: only live ones
+        if tid is not None and any(t.ident == tid for t in threading.enumerate()):
+            signal.pthread_kill(tid, KICK_SIGNAL)
 
     def complete_io_in(self, data: bytes) -> None:
         """Answer the pending IN: the bytes the guest's register receives."""

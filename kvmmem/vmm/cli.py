@@ -176,7 +176,12 @@ def main(argv: Sequence[str]) -> int:
             from kvmmem.vmm.qmp import QmpServer
 
             server = QmpServer(machine, qmp_path)
-            server.start()
+            try:
+                server.start()
+            except (ValueError, OSError) as exc:
+                server = None
+                print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
+                return 2
         return machine.run()
     finally:
         if server is not None:

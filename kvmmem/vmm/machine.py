@@ -87,6 +87,8 @@ class Machine:
         self.transports: list[VirtioMmioTransport] = []
         self.unplugged_accesses: list[UnpluggedAccess] = []
         self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
+        self.on_reset: Callable[[int], None] | None = None
+        """Called after each system reset with the number of resets so far."""
         self.resets = 0
         self.lock = threading.RLock()
         """Held while an exit is handled; other threads (QMP) take it to change devices."""
@@ -252,6 +254,8 @@ class Machine:
             transport.reset()
         self.serial.reset()
         self.layout = self._load()
+        if self.on_reset is not None:
+            self.on_reset(self.resets)
 
     def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
         chips = [self.vm.get_irqchip(chip) for chip in

@@ -1,0 +1,383 @@
+"""A QMP server on a UNIX socket (``-qmp unix:PATH,server=on,wait=off``).
+
+The wire protocol is QEMU's (docs/interop/qmp-spec.rst): a greeting, then
+capabilities negotiation, then commands and asynchronous events as JSON
+objects, one per line. One background thread serves every client with a
+selector; commands run in that thread (see
+:mod:`kvmmem.vmm.qmp_commands`). Events may be raised in any thread, the
+vCPU thread above all: they are queued and the server thread is woken to
+send them. Bad input from a client costs it an error reply, never the
+machine or the other clients; the socket is created with mode 0600, so only
+its owner can connect.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
+from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
+                                      StreamError, parse_json)
+
+if TYPE_CHECKING:
+    from kvmmem.vmm.machine import Machine
+
+__all__ = ["QmpServer", "QmpServerError", "QmpError", "ErrorClass", "MAX_MESSAGE_SIZE"]
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o600
+MAX_OUTPUT = 16 << 20          # a client that reads nothing is dropped past this
+MAX_QUEUED_EVENTS = 65536      # events waiting for the server thread; oldest dropped
+POLL_INTERVAL = 0.05           # seconds; how soon the server notices close()
+_UNIX_PATH_MAX = 107
+
+
+class QmpServerError(ValueError):
+    """The server cannot listen where it was asked to."""
+
+
+@dataclass(eq=False)
+class _Session:
+    sock: socket.socket
+    splitter: JsonSplitter
+    out: bytearray = field(default_factory=bytearray)
+    negotiated: bool = False
+    closed: bool = False
+    events: int = selectors.EVENT_READ
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\r\n"
+
+
+def _error(desc: str, error_class: ErrorClass = ErrorClass.GENERIC) -> dict[str, Any]:
+    return {"error": {"class": str(error_class), "desc": desc}}
+
+
+class QmpServer:
+    """Serves QMP for ``machine`` on the UNIX socket ``path``."""
+
+    def __init__(self, machine: "Machine", path: str | os.PathLike[str],
+                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        if max_message_size < 1024:
+            raise QmpServerError(f"max_message_size {max_message_size} is below 1024 bytes; "
+                                 "QMP commands would not fit")
+        self.machine = machine
+        self.path = os.fspath(path)
+        self.max_message_size = max_message_size
+        self.monitor = MachineMonitor(machine, self._emit)
+        self._events: collections.deque[bytes] = collections.deque(maxlen=MAX_QUEUED_EVENTS)
+        self._sessions: list[_Session] = []
+        self._thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._wake_lock = threading.Lock()
+        self._wake_r = self._wake_w = -1
+        self._stopping = threading.Event()
+        self._dropped = 0
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen on the socket (mode 0600) and serve in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError(f"the QMP server on {self.path} is already started")
+        self._listener = self._bind()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.monitor.attach()
+        self._thread = threading.Thread(target=self._serve, name=f"qmp:{self.path}", daemon=True)
+        self._thread.start()
+
+    def notify_shutdown(self, guest: bool = True, reason: str = "guest-shutdown") -> None:
+        """Tell clients the machine stopped (SHUTDOWN); once per machine."""
+        self.monitor.notify_shutdown(guest, reason)
+
+    def close(self) -> None:
+        """Send what is pending (a SHUTDOWN if none was sent), disconnect
+        every client, stop the thread and remove the socket."""
+        if self._thread is None:
+            return
+        self.monitor.notify_shutdown()
+        self._stopping.set()
+        self._wake()
+        self._thread.join(10)
+        if self._thread.is_alive():
+            log.error("QMP server thread on %s did not stop", self.path)
+        self.monitor.detach()
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+        self._thread = None
+        self._unlink_if_ours()
+
+    def __enter__(self) -> "QmpServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _bind(self) -> socket.socket:
+        path = self.path
+        if not path or len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise QmpServerError(f"QMP socket path {path!r} must have 1 to {_UNIX_PATH_MAX} bytes")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise QmpServerError(f"{path} exists and is not a socket; not replacing it")
+            if _is_listening(path):
+                raise QmpServerError(f"{path}: another process is serving on this socket")
+            os.unlink(path)       # left over from a process that is gone, as QEMU does
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # On Linux the socket file takes the socket inode's mode, so the
+            # file is never reachable by others, not even between bind and chmod.
+            os.fchmod(sock.fileno(), SOCKET_MODE)
+            sock.bind(path)
+            os.chmod(path, SOCKET_MODE)
+            st = os.stat(path)
+            sock.listen(16)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._inode = (st.st_dev, st.st_ino)
+        return sock
+
+    def _unlink_if_ours(self) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # -- events (any thread) ---------------------------------------------------
+
+    def _emit(self, event: str, data: dict[str, Any] | None) -> None:
+        now = time.time()
+        message: dict[str, Any] = {"timestamp": {"seconds": int(now),
+                                                 "microseconds": int(now % 1 * 1_000_000)},
+                                   "event": event}
+        if data is not None:
+            message["data"] = data
+        if len(self._events) == self._events.maxlen:
+            self._dropped += 1        # deque drops the oldest; counted, logged by the server
+        self._events.append(_encode(message))
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:
+                    pass          # already awake: the pipe is full of wake-ups
+
+    # -- the server thread ------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, "listen")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                for key, mask in sel.select(POLL_INTERVAL):
+                    try:
+                        self._ready(sel, key.data, mask)
+                    except Exception:          # a bug must not take the monitor down
+                        log.exception("QMP: error while serving %s", key.data)
+                        if isinstance(key.data, _Session):
+                            self._drop(sel, key.data)
+                self._tick(sel)
+            self._tick(sel)
+            self._flush_before_exit()
+        finally:
+            for session in list(self._sessions):
+                self._drop(sel, session)
+            sel.close()
+            self._listener.close()
+
+    def _ready(self, sel: selectors.BaseSelector, what: object, mask: int) -> None:
+        if what == "listen":
+            self._accept(sel)
+        elif what == "wake":
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        elif isinstance(what, _Session) and not what.closed:
+            if mask & selectors.EVENT_READ:
+                self._receive(sel, what)
+            if mask & selectors.EVENT_WRITE and not what.closed:
+                self._flush(sel, what)
+
+    def _tick(self, sel: selectors.BaseSelector) -> None:
+        if self._dropped:
+            log.warning("QMP: %d events dropped (more than %d were waiting)", self._dropped,
+                        MAX_QUEUED_EVENTS)
+            self._dropped = 0
+        while self._events:
+            event = self._events.popleft()
+            for session in list(self._sessions):
+                if session.negotiated:
+                    self._send(sel, session, event)
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:          # out of file descriptors: keep serving the others
+            log.warning("QMP: cannot accept a client: %s", exc)
+            time.sleep(POLL_INTERVAL)
+            return
+        sock.setblocking(False)
+        session = _Session(sock, JsonSplitter(self.max_message_size))
+        self._sessions.append(session)
+        sel.register(sock, selectors.EVENT_READ, session)
+        greeting = {"QMP": {"version": version_info(), "capabilities": []}}
+        self._send(sel, session, _encode(greeting))
+
+    def _receive(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        try:
+            data = session.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("QMP: client read failed: %s", exc)
+            data = b""
+        if not data:              # gone, maybe in the middle of a message: forget it
+            self._drop(sel, session)
+            return
+        for frame in session.splitter.feed(data):
+            reply = self._handle(session, frame)
+            self._send(sel, session, _encode(reply))
+            if session.closed:
+                return
+
+    def _send(self, sel: selectors.BaseSelector, session: _Session, data: bytes) -> None:
+        if session.closed:
+            return
+        session.out += data
+        if len(session.out) > MAX_OUTPUT:
+            log.warning("QMP: a client left %d bytes unread; disconnecting it", len(session.out))
+            self._drop(sel, session)
+            return
+        self._flush(sel, session)
+
+    def _flush(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        while session.out:
+            try:
+                sent = session.sock.send(session.out, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("QMP: client write failed: %s", exc)
+                self._drop(sel, session)
+                return
+            del session.out[:sent]
+        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if session.out else 0)
+        if wanted != session.events:
+            sel.modify(session.sock, wanted, session)
+            session.events = wanted
+
+    def _drop(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.remove(session)
+        try:
+            sel.unregister(session.sock)
+        except (KeyError, ValueError):
+            pass
+        session.sock.close()
+
+    def _flush_before_exit(self, timeout: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        for session in self._sessions:
+            remaining = deadline - time.monotonic()
+            if not session.out or remaining <= 0:
+                continue
+            try:
+                session.sock.settimeout(remaining)
+                session.sock.sendall(session.out, socket.MSG_NOSIGNAL)
+            except OSError:
+                pass
+
+    # -- one message ----------------------------------------------------------
+
+    def _handle(self, session: _Session, frame: bytes | StreamError) -> dict[str, Any]:
+        """The reply to one message, with its ``id`` when it has one."""
+        if isinstance(frame, StreamError):
+            return _error(frame.desc)
+        try:
+            request = parse_json(frame)
+        except ValueError as exc:
+            return _error(f"JSON parse error, {exc}")
+        if not isinstance(request, dict):
+            return _error("QMP input must be a JSON object")
+        reply = self._dispatch(session, request)
+        if "id" in request:
+            reply["id"] = request["id"]
+        return reply
+
+    def _dispatch(self, session: _Session, request: dict[str, Any]) -> dict[str, Any]:
+        for key, value in request.items():
+            if key == "execute" and not isinstance(value, str):
+                return _error("QMP input member 'execute' must be a string")
+            if key == "arguments" and not isinstance(value, dict):
+                return _error("QMP input member 'arguments' must be an object")
+            if key not in ("execute", "arguments", "id"):
+                return _error(f"QMP input member '{key}' is unexpected")
+        if "execute" not in request:
+            return _error("QMP input lacks member 'execute'")
+        name, args = request["execute"], request.get("arguments", {})
+        if not session.negotiated and name != "qmp_capabilities":
+            return _error("Expecting capabilities negotiation with 'qmp_capabilities'",
+                          ErrorClass.COMMAND_NOT_FOUND)
+        if session.negotiated and name == "qmp_capabilities":
+            return _error("Capabilities negotiation is already complete, command ignored",
+                          ErrorClass.COMMAND_NOT_FOUND)
+        try:
+            result = self.monitor.execute(name, args)
+        except QmpError as exc:
+            return _error(exc.desc, exc.error_class)
+        except Exception as exc:               # noqa: BLE001 - reported to the client
+            log.exception("QMP: %s failed", name)
+            return _error(f"{name} failed: {exc}")
+        if name == "qmp_capabilities":
+            session.negotiated = True
+        return {"return": result}
+
+
+def _is_listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
