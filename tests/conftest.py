@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -87,3 +89,12 @@ def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
     yield make
     for b in buffers:
         b.close()
+
+
+@pytest.fixture(scope="session")
+def guest_elf() -> Path:
+    """The test guest, built (or found up to date) by its make fragment."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["make", "-s", "-f", "tests/guest/Makefile.inc", "build/guest/guest.elf"],
+                   cwd=root, check=True)
+    return root / "build" / "guest" / "guest.elf"

@@ -19,7 +19,6 @@ import queue
 import re
 import socket
 import stat
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ from kvmmem.vmm.qmp_protocol import QmpError, check_arguments
 from kvmmem.vmm.qmp_protocol import JsonSplitter, StreamError, parse_json
 
 MiB, GiB = 1 << 20, 1 << 30
-ROOT = Path(__file__).resolve().parents[1]
-GUEST = ROOT / "build" / "guest" / "guest.elf"
 STEP = re.compile(r"plugged=(\d+) requested=(\d+) ok")
 DEVICE = "/machine/peripheral/vmem0"
 TIMEOUT = 30
@@ -119,13 +116,6 @@ def test_arguments_are_checked_as_qapi_does(args: dict[str, Any], message: str) 
 
 
 # -- a running guest -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    subprocess.run(["make", "-s", "-f", "tests/guest/Makefile.inc", "build/guest/guest.elf"],
-                   cwd=ROOT, check=True)
-    return GUEST
-
 
 class GuestVm:
     """The test guest in a Machine run by a thread, with a QMP server; the

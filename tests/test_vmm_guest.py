@@ -8,7 +8,6 @@ patterns in plugged memory must hold, and a reboot must unplug everything.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,16 +21,7 @@ from kvmmem.vmm.machine import Machine, MachineConfig, MachineExit
 
 pytestmark = pytest.mark.kvm
 
-ROOT = Path(__file__).resolve().parents[1]
-GUEST = ROOT / "build" / "guest" / "guest.elf"
 STEP = re.compile(r"plugged=(\d+) requested=(\d+) ok")
-
-
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    subprocess.run(["make", "-s", "-f", "tests/guest/Makefile.inc", "build/guest/guest.elf"],
-                   cwd=ROOT, check=True)
-    return GUEST
 
 
 class Run:
