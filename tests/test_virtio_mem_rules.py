@@ -210,6 +210,12 @@ def test_features_offer_version_1_and_unplugged_inaccessible(dev: VirtioMem) -> 
     assert dev.set_driver_features(version | inaccessible)
 
 
+def test_protect_block_is_refused_in_single_mode() -> None:
+    with pytest.raises(VirtioMemPropertyError) as info:
+        VirtioMemProps(id="x", size=GiB, memslots="single", protect="block")
+    assert "memslots=usable" in str(info.value)
+
+
 def test_dynamic_mode_requires_unplugged_inaccessible() -> None:
     with pytest.raises(VirtioMemPropertyError):
         VirtioMemProps(id="x", size=GiB, memslots="dynamic", unplugged_inaccessible=False)

@@ -156,6 +156,11 @@ def test_machine_is_controlled_from_another_thread(guest_elf) -> None:  # type: 
         machine.request_reset()
         assert waiting.acquire(timeout=30) and machine.resets == 1
         assert dev.plugged_size == 512 * MiB                      # re-plugged after reboot
+        machine.pause()
+        machine.request_reset()                                   # paused: reset at once
+        assert machine.resets == 2 and dev.plugged_size == 0
+        machine.resume()
+        assert waiting.acquire(timeout=30) and dev.plugged_size == 512 * MiB
         machine.shutdown(7)
         thread.join(30)
         assert result == [7]

@@ -99,6 +99,10 @@ class VirtioMemProps:
             raise VirtioMemPropertyError(f"{self.id}: 'memslots=dynamic' needs "
                                          "'unplugged-inaccessible=on' (the guest must not touch "
                                          "unplugged memory that has no memslot)")
+        if self.protect is ProtectMode.BLOCK and self.memslots is MemslotMode.SINGLE:
+            raise VirtioMemPropertyError(f"{self.id}: 'protect=block' needs 'memslots=usable' "
+                                         "or 'dynamic': in single mode every unplugged block of "
+                                         "the whole region would need guard page tables")
         if self.protect is ProtectMode.BLOCK and not self.unplugged_inaccessible:
             raise VirtioMemPropertyError(f"{self.id}: 'protect=block' needs "
                                          "'unplugged-inaccessible=on'")

@@ -96,6 +96,8 @@ class Machine:
         self._stop_status: int | None = None
         self._running = threading.Event()
         self._running.set()
+        self._parked = threading.Event()       # set while run() waits in pause
+        self._run_thread: int | None = None
         _install_kick_handler()
         for index, props in enumerate(config.memory_devices):
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
@@ -132,14 +134,23 @@ class Machine:
     # -- running -----------------------------------------------------------
 
     def request_reset(self) -> None:
-        """Reset the machine before the vCPU runs again; safe from any thread."""
+        """Reset the machine; safe from any thread. A paused machine is reset
+        at once, a running one before its vCPU runs guest code again."""
+        if self._parked.is_set():
+            with self.lock:
+                self.reset()
+            return
         self._reset_pending = True
         self.vcpu.kick()
 
-    def pause(self) -> None:
-        """Stop running guest code until :meth:`resume` (QMP ``stop``)."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop running guest code until :meth:`resume` (QMP ``stop``); from
+        another thread, returns once the vCPU has stopped."""
         self._running.clear()
         self.vcpu.kick()
+        if self._run_thread not in (None, threading.get_ident()):
+            if not self._parked.wait(timeout):
+                raise TimeoutError("the vCPU did not stop")
 
     def resume(self) -> None:
         """Run guest code again (QMP ``cont``)."""
@@ -158,10 +169,13 @@ class Machine:
     def run(self) -> int:
         """Run until the guest or :meth:`shutdown` stops the machine; return
         the exit status. Call it from one thread (the vCPU thread)."""
+        self._run_thread = threading.get_ident()
         try:
             while self._stop_status is None:
                 if not self._running.is_set():
+                    self._parked.set()
                     self._running.wait()
+                    self._parked.clear()
                     continue
                 if self._reset_pending:
                     with self.lock:
@@ -173,6 +187,8 @@ class Machine:
             return self._stop_status
         except MachineExit as stop:
             return stop.status
+        finally:
+            self._run_thread = None
 
     def _handle(self, ex: exits.VcpuExit) -> None:
         if isinstance(ex, exits.IoExit):
