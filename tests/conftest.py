@@ -46,6 +46,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(f"no usable KVM: {reason}")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Under CI, any skip of a KVM test (a capability missing, say) fails it."""
+    outcome = yield
+    report = outcome.get_result()
+    if KVM_REQUIRED and report.skipped and item.get_closest_marker("kvm") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"KVM test skipped where KVM is required (CI): {report.longrepr}"
+
+
 @pytest.fixture
 def kvm() -> Iterator["object"]:
     from kvmmem.kvm import Kvm
