@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import mmap
 import statistics
 import struct
 import sys
 import time
 
-from kvmmem.kvm import Kvm, ffi, lib
+from kvmmem.kvm import Kvm, lib
+from kvmmem.memory import HostMemory
 
 GIB = 1 << 30
 
@@ -30,9 +30,8 @@ def main() -> int:
     args = parser.parse_args()
     size = args.size * GIB
 
-    host = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000))
-    cdata = ffi.from_buffer(host)
-    addr = int(ffi.cast("uintptr_t", cdata))
+    host = HostMemory(size, "bench")
+    addr = host.address
     gpa = 4 * GIB
     request = lib.KVM_SET_USER_MEMORY_REGION
     create = struct.pack("<IIQQQ", 0, 0, gpa, size, addr)
@@ -58,7 +57,6 @@ def main() -> int:
                 samples[name].append((time.perf_counter() - t0) / args.batch)
         assert vm.used_memslots == 0
 
-    ffi.release(cdata)
     host.close()
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratio = med["kvmmem"] / med["fcntl.ioctl"]

@@ -18,11 +18,11 @@ import sys
 import time
 from typing import Iterator
 
-from kvmmem.kvm import Kvm, ffi
+from kvmmem.kvm import Kvm
+from kvmmem.memory import HostMemory
 from kvmmem.vmm import kmem
 
 MIB, GIB = 1 << 20, 1 << 30
-MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 PAGE = mmap.PAGESIZE
 # docs/virtio-mem-facts.md, section 1: MiB of kernel metadata for one memslot.
 FACTS_MIB = {64 * GIB: 160, 256 * GIB: 643, 1024 * GIB: 2571}
@@ -57,15 +57,13 @@ def one_slot(size: int) -> Iterator[float]:
         if size == 0:
             yield 0.0
             return
-        host = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        cdata = ffi.from_buffer(host)
+        host = HostMemory(size)
         try:
             start = time.perf_counter()
-            vm.add_memslot(0, size, int(ffi.cast("uintptr_t", cdata)))
+            vm.add_memslot(0, size, host.address)
             yield time.perf_counter() - start
         finally:
             vm.close()
-            ffi.release(cdata)
             host.close()
 
 

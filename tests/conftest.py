@@ -7,7 +7,6 @@ where such a skip would hide untested code and is turned into a failure.
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 from pathlib import Path
@@ -70,35 +69,21 @@ def vm(kvm) -> Iterator["object"]:  # type: ignore[no-untyped-def]
         yield handle
 
 
-class HostBuffer:
-    """An anonymous mapping and its host address, for KVM-layer tests."""
-
-    def __init__(self, size: int) -> None:
-        from kvmmem.kvm import ffi
-
-        self.size = size
-        self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._cdata = ffi.from_buffer(self.map)
-        self.address = int(ffi.cast("uintptr_t", self._cdata))
-
-    def close(self) -> None:
-        from kvmmem.kvm import ffi
-
-        ffi.release(self._cdata)
-        self.map.close()
-
-
 @pytest.fixture
 def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
-    buffers: list[HostBuffer] = []
+    """Makes anonymous host mappings (HostMemory) for memslots; unmapped after the test."""
+    from kvmmem.memory import HostMemory
 
-    def make(size: int) -> HostBuffer:
-        buffers.append(HostBuffer(size))
+    buffers: list[HostMemory] = []
+
+    def make(size: int) -> HostMemory:
+        buffers.append(HostMemory(size))
         return buffers[-1]
 
     yield make
     for b in buffers:
-        b.close()
+        if not b.closed:
+            b.close()
 
 
 @pytest.fixture(scope="session")

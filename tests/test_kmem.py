@@ -7,17 +7,16 @@ error path and the clean-up.
 
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from kvmmem.memory import HostMemory
 from kvmmem.vmm import kmem
 
 MIB, GIB = 1 << 20, 1 << 30
-MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _backend_or_skip() -> kmem.KmemBackend:
@@ -33,20 +32,18 @@ def _backend_or_skip() -> kmem.KmemBackend:
 
 def vm_with_slot(size: int) -> Iterator[int]:
     """A VM with one memslot of ``size`` bytes (none if 0), kept open while measured."""
-    from kvmmem.kvm import Kvm, ffi
+    from kvmmem.kvm import Kvm
 
     with Kvm() as kvm, kvm.create_vm() as vm:
         if size == 0:
             yield 0
             return
-        host = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        cdata = ffi.from_buffer(host)
+        host = HostMemory(size)
         try:
-            vm.add_memslot(0, size, int(ffi.cast("uintptr_t", cdata)))
+            vm.add_memslot(0, size, host.address)
             yield vm.used_memslots
         finally:
             vm.close()
-            ffi.release(cdata)
             host.close()
 
 
@@ -106,23 +103,21 @@ def test_generator_reading_is_taken_before_cleanup() -> None:
 
 @pytest.mark.kvm
 def test_probe_reads_several_times_in_one_process() -> None:
-    from kvmmem.kvm import Kvm, ffi
+    from kvmmem.kvm import Kvm
 
     backend = _backend_or_skip()
     own = backend.cgroup_dir_of()
-    host = mmap.mmap(-1, 64 * GIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-    cdata = ffi.from_buffer(host)
+    host = HostMemory(64 * GIB)
     try:
         with kmem.KmemProbe(backend=backend) as probe, Kvm() as kvm, kvm.create_vm() as vm:
             assert backend.cgroup_dir_of() == probe.path
             before = probe.kernel_bytes()
-            slot = vm.add_memslot(0, 64 * GIB, int(ffi.cast("uintptr_t", cdata)))
+            slot = vm.add_memslot(0, 64 * GIB, host.address)
             with_slot = probe.kernel_bytes()
             vm.delete_memslot(slot)
             after_delete = probe.kernel_bytes()
             path = probe.path
     finally:
-        ffi.release(cdata)
         host.close()
     assert with_slot - before > 100 * MIB
     assert after_delete < with_slot - 100 * MIB

@@ -45,10 +45,10 @@ def boot(vm: Vm, host_buffer, code: bytes) -> tuple[Vcpu, object]:  # type: igno
     """4 MiB of RAM at 0 with GDT, page tables (4 GiB identity) and code."""
     ram = host_buffer(4 * MIB)
     vm.add_memslot(0, 4 * MIB, ram.address)
-    ram.map[GDT_ADDR:GDT_ADDR + len(x86.gdt_bytes())] = x86.gdt_bytes()
+    ram.write(GDT_ADDR, x86.gdt_bytes())
     tables = x86.identity_page_tables(PML4_ADDR, 4 << 30)
-    ram.map[PML4_ADDR:PML4_ADDR + len(tables)] = tables
-    ram.map[CODE_ADDR:CODE_ADDR + len(code)] = code
+    ram.write(PML4_ADDR, tables)
+    ram.write(CODE_ADDR, code)
     vcpu = vm.create_vcpu(0)
     sregs = vcpu.get_sregs()
     x86.setup_long_mode(sregs, PML4_ADDR, GDT_ADDR)
@@ -80,7 +80,7 @@ def test_guest_writes_memory_does_io_and_mmio(vm: Vm, host_buffer) -> None:  # t
     high = vcpu.run()
     assert isinstance(high, exits.IoExit) and struct.unpack("<I", high.data)[0] == 0x11223344
     # the guest's store reached host memory through the memslot
-    assert struct.unpack_from("<Q", ram.map, DATA_ADDR)[0] == 0x1122334455667788
+    assert int.from_bytes(ram.read(DATA_ADDR, 8), "little") == 0x1122334455667788
 
     mmio = vcpu.run()
     assert isinstance(mmio, exits.MmioExit)
@@ -90,7 +90,7 @@ def test_guest_writes_memory_does_io_and_mmio(vm: Vm, host_buffer) -> None:  # t
     inp = vcpu.run()
     assert isinstance(inp, exits.IoExit) and not inp.is_write and inp.port == 0x12
     assert vcpu.get_regs().rcx == 0xCAFEF00DDEADBEEF  # MMIO data landed in the register
-    assert struct.unpack_from("<Q", ram.map, DATA_ADDR + 8)[0] == 0xCAFEF00DDEADBEEF
+    assert int.from_bytes(ram.read(DATA_ADDR + 8, 8), "little") == 0xCAFEF00DDEADBEEF
     vcpu.complete_io_in(struct.pack("<I", 0x0BADC0DE))
 
     echo = vcpu.run()

@@ -3,11 +3,10 @@ code, and report what KVM offers. ``kvmmem demo`` prints it."""
 
 from __future__ import annotations
 
-import mmap
-import struct
 from dataclasses import dataclass
 
-from kvmmem.kvm import Kvm, exits, ffi, lib, x86
+from kvmmem.kvm import Kvm, exits, lib, x86
+from kvmmem.memory import HostMemory
 
 RAM_SIZE = 2 << 20
 GDT_ADDR, PML4_ADDR, CODE_ADDR, DATA_ADDR = 0x500, 0x1000, 0x8000, 0x100000
@@ -31,14 +30,12 @@ class SmokeReport:
 def run_smoke() -> SmokeReport:
     """Boot the smoke guest in a fresh VM and collect its exits."""
     with Kvm() as kvm, kvm.create_vm() as vm:
-        ram = mmap.mmap(-1, RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        cdata = ffi.from_buffer(ram)
+        ram = HostMemory(RAM_SIZE, "smoke.ram")
         try:
-            vm.add_memslot(0, RAM_SIZE, int(ffi.cast("uintptr_t", cdata)))
-            ram[GDT_ADDR:GDT_ADDR + 32] = x86.gdt_bytes()
-            tables = x86.identity_page_tables(PML4_ADDR, 1 << 30)
-            ram[PML4_ADDR:PML4_ADDR + len(tables)] = tables
-            ram[CODE_ADDR:CODE_ADDR + len(GUEST_CODE)] = GUEST_CODE
+            vm.add_memslot(0, RAM_SIZE, ram.address)
+            ram.write(GDT_ADDR, x86.gdt_bytes())
+            ram.write(PML4_ADDR, x86.identity_page_tables(PML4_ADDR, 1 << 30))
+            ram.write(CODE_ADDR, GUEST_CODE)
             vcpu = vm.create_vcpu(0)
             sregs = vcpu.get_sregs()
             x86.setup_long_mode(sregs, PML4_ADDR, GDT_ADDR)
@@ -54,8 +51,7 @@ def run_smoke() -> SmokeReport:
                     said += ex.data
                 if not isinstance(ex, exits.IoExit):
                     break
-            stored = struct.unpack_from("<I", ram, DATA_ADDR)[0]
-            if struct.pack("<I", stored) != said:
+            if ram.read(DATA_ADDR, 4) != said:
                 raise RuntimeError("guest memory and guest report disagree")
             return SmokeReport(
                 api_version=kvm.get_api_version(),
@@ -67,5 +63,4 @@ def run_smoke() -> SmokeReport:
             )
         finally:
             vm.close()
-            ffi.release(cdata)
             ram.close()
