@@ -9,12 +9,18 @@ but reach the flat views and the listeners only when the outermost
 transaction commits, as one update per address space.
 
 A commit is all-or-nothing.  Every tree mutation is journalled with its
-undo; when a listener raises (KVM refusing a memslot), the listener calls
+undo; when a listener raises (KVM refusing a memslot), or computing a new
+view does, the listener calls
 already made are undone in reverse (each add becomes a delete and each
 delete an add), the journal is replayed backwards so the tree is as it was
 before the outermost ``begin``, the old flat views stay, and the original
 exception propagates.  An exception escaping a ``with memory_transaction()``
 body likewise reverts the mutations made inside that block.
+
+Most commits add or remove a few subregions that overlap nothing; those
+splice the old view where the change shows (:mod:`kvmmem.memory.incremental`)
+instead of rendering the address space again, so their cost does not grow
+with the number of ranges.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import Callable
 
 from kvmmem.memory import region as _region
 from kvmmem.memory.flatview import FlatRange, FlatView, diff, render, simplify
-from kvmmem.memory.region import MemoryRegion, RegionKind
+from kvmmem.memory.incremental import Placement, place, update_view
+from kvmmem.memory.region import Change, MemoryRegion, RegionKind
 
 __all__ = ["AddressSpace", "MemoryListener", "MemoryRollbackError", "UnassignedAccessError",
            "begin", "commit", "memory_transaction", "transaction_depth", "address_spaces"]
@@ -71,6 +78,9 @@ class _Transaction:
     def __init__(self) -> None:
         self.depth = 0
         self.journal: list[Callable[[], None]] = []
+        # Beside each journal entry, the mutation if it is a subregion added
+        # or removed (what the incremental commit can do), else None.
+        self.changes: list[Change | None] = []
         self.replaying = False
         self.updating = False           # listeners are being called
         # Weak references by space id, in creation order; a space that dies
@@ -90,9 +100,10 @@ class _Transaction:
             raise RuntimeError("memory regions must not change while listeners are called")
         self.depth += 1
 
-    def record(self, undo: Callable[[], None]) -> None:
+    def record(self, undo: Callable[[], None], change: Change | None = None) -> None:
         if not self.replaying:
             self.journal.append(undo)
+            self.changes.append(change)
 
     def commit(self) -> None:
         if self.depth <= 0:
@@ -103,28 +114,42 @@ class _Transaction:
                 self._update_all()
             finally:
                 self.journal.clear()
+                self.changes.clear()
 
     def revert_to(self, mark: int) -> None:
         """Undo the mutations journalled after position ``mark``."""
         self.replaying = True
         try:
             while len(self.journal) > mark:
+                self.changes.pop()
                 self.journal.pop()()
         finally:
             self.replaying = False
 
+    def _placements(self) -> list[tuple[Change, Placement]] | None:
+        """Where each change of this commit shows, or None if one cannot be
+        vouched for (then every address space is rendered again)."""
+        out = []
+        for change in self.changes:
+            placement = place(change) if change is not None else None
+            if placement is None:
+                return None
+            out.append((change, placement))
+        return out
+
     def _update_all(self) -> None:
         updates = []
-        for ref in list(self.spaces.values()):
-            space = ref()
-            if space is None:
-                continue
-            update = space._prepare()
-            if update is not None:
-                updates.append((space, update))
         log = _CallLog()
-        self.updating = True
         try:
+            placements = self._placements()
+            for ref in list(self.spaces.values()):
+                space = ref()
+                if space is None:
+                    continue
+                update = space._prepare(placements)
+                if update is not None:
+                    updates.append((space, update))
+            self.updating = True
             for space, (_, _, removed, added) in updates:
                 for listener in space.listeners:
                     log.notify(listener, removed, added)
@@ -320,9 +345,19 @@ class AddressSpace:
 
     # -- commit steps ----------------------------------------------------------
 
-    def _prepare(self) -> tuple[list[FlatRange], FlatView, list[FlatRange],
-                                list[FlatRange]] | None:
-        """Render; None when nothing changed, else (rendering, new view, removed, added)."""
+    def _prepare(self, placements: list[tuple[Change, Placement]] | None = None
+                 ) -> tuple[list[FlatRange] | None, FlatView, list[FlatRange],
+                            list[FlatRange]] | None:
+        """The update of this space: None when nothing changed, else (full
+        rendering or None, new view, removed, added). With ``placements`` the
+        view is spliced where it can be instead of rendered again."""
+        if placements is not None:
+            spliced = update_view(self.root, self._view, placements)
+            if spliced is not None:
+                view, removed, added = spliced
+                if not removed and not added:
+                    return None
+                return None, view, removed, added
         rendered = render(self.root)
         if rendered is self._rendered:
             return None

@@ -23,10 +23,10 @@ from typing import Iterator, Sequence
 
 from kvmmem.memory.region import ADDR_SPACE_END, MemoryRegion, RegionKind
 
-__all__ = ["FlatRange", "FlatView", "render", "simplify", "diff"]
+__all__ = ["FlatRange", "FlatView", "render", "render_placed", "simplify", "diff", "splice"]
 
-_range_start = attrgetter("start")
 
+_start_of = attrgetter("start")
 _ALIAS = RegionKind.ALIAS
 _CONTAINER = RegionKind.CONTAINER
 _EMPTY: list[FlatRange] = []
@@ -76,33 +76,68 @@ class FlatRange:
 
 
 class FlatView:
-    """An immutable rendered view of one root region, with O(log n) lookup."""
+    """An immutable rendered view of one root region, with O(log n) lookup.
 
-    __slots__ = ("root", "ranges", "_starts")
+    The ranges are kept in chunks of about ``_CHUNK``, which a view shares
+    with the views spliced from it: replacing a window (see :func:`splice`)
+    copies a few chunks and the chunk index, not every range, so a commit
+    among thousands of memslots stays cheap, and readers holding the old
+    view are never disturbed (what Python can do in place of RCU).
+    """
+
+    __slots__ = ("root", "_chunks", "_keys", "_len", "_flat")
 
     def __init__(self, root: MemoryRegion | None, ranges: Sequence[FlatRange]) -> None:
+        flat = tuple(ranges)
+        chunks = _chunked(list(flat), [fr.start for fr in flat])
+        self._init(root, tuple(chunks), [st[0] for _, st in chunks], len(flat), flat)
+
+    def _init(self, root: MemoryRegion | None, chunks: tuple[_Chunk, ...], keys: list[int],
+              length: int, flat: tuple[FlatRange, ...] | None) -> None:
         self.root = root
-        self.ranges: tuple[FlatRange, ...] = tuple(ranges)
-        self._starts = list(map(_range_start, self.ranges))
+        self._chunks = chunks               # ((ranges, their starts), ...)
+        self._keys = keys                   # the first start of each chunk
+        self._len = length
+        self._flat = flat                   # all ranges, once asked for
+
+    @property
+    def ranges(self) -> tuple[FlatRange, ...]:
+        """All ranges by address (built on first use for a spliced view)."""
+        flat = self._flat
+        if flat is None:
+            flat = self._flat = tuple(fr for chunk, _ in self._chunks for fr in chunk)
+        return flat
 
     def lookup(self, addr: int) -> FlatRange | None:
         """The range holding ``addr``, or None where nothing is mapped."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0:
-            r = self.ranges[i]
-            if addr < r.start + r.size:
-                return r
-        return None
+        c = bisect.bisect_right(self._keys, addr) - 1
+        if c < 0:
+            return None
+        chunk, starts = self._chunks[c]
+        r = chunk[bisect.bisect_right(starts, addr) - 1]
+        return r if addr < r.start + r.size else None
 
     def __iter__(self) -> Iterator[FlatRange]:
-        return iter(self.ranges)
+        for chunk, _ in self._chunks:
+            yield from chunk
 
     def __len__(self) -> int:
-        return len(self.ranges)
+        return self._len
 
     def __repr__(self) -> str:
         root = self.root.name if self.root is not None else None
-        return f"<FlatView root={root!r} ranges={len(self.ranges)}>"
+        return f"<FlatView root={root!r} ranges={len(self)}>"
+
+
+_CHUNK = 64
+_Chunk = tuple[tuple[FlatRange, ...], list[int]]      # ranges, their starts
+
+
+def _chunked(ranges: list[FlatRange], starts: list[int]) -> list[_Chunk]:
+    if len(ranges) <= _CHUNK:
+        return [(tuple(ranges), starts)] if ranges else []
+    return [(tuple(ranges[k:k + _CHUNK]), starts[k:k + _CHUNK])
+            for k in range(0, len(ranges), _CHUNK)]
 
 
 def render(root: MemoryRegion) -> list[FlatRange]:
@@ -112,6 +147,13 @@ def render(root: MemoryRegion) -> list[FlatRange]:
     Unchanged since the last call means the very same list object.
     """
     return _render(root, root.addr, 0, ADDR_SPACE_END, False, False, None)
+
+
+def render_placed(mr: MemoryRegion, base: int, readonly: bool, unmergeable: bool
+                  ) -> list[FlatRange]:
+    """Render ``mr`` whole at ``base`` under flags inherited from its containers
+    (simplified). The caller vouches that nothing clips or covers it."""
+    return simplify(_render(mr, base, base, base + mr.size, readonly, unmergeable, None))
 
 
 def _render(mr: MemoryRegion, base: int, lo: int, hi: int, ro: bool, unm: bool,
@@ -256,3 +298,72 @@ def diff(old: Sequence[FlatRange], new: Sequence[FlatRange]
     removed.extend(old[i:])
     added.extend(new[j:])
     return removed, added
+
+
+def splice(view: FlatView, windows: Sequence[tuple[int, int, list[FlatRange]]]
+           ) -> tuple[FlatView, list[FlatRange], list[FlatRange]] | None:
+    """``view`` with the contents of each window [lo, hi) replaced.
+
+    ``windows`` are sorted, disjoint, and each holds its new simplified
+    ranges. Returns (new view, removed, added) in address order, or None
+    when a range of ``view`` straddles a window edge or a new range could
+    merge with a neighbour (the caller then renders everything).
+    """
+    chunks, keys, length = view._chunks, view._keys, view._len
+    removed: list[FlatRange] = []
+    added: list[FlatRange] = []
+    for lo, hi, new in windows:
+        # The chunks from the one holding the last range before lo to the one
+        # holding the first range from hi on: the window and its neighbours.
+        # Mostly that is one chunk, whose neighbours in the next ones are
+        # looked at where needed.
+        a = bisect.bisect_right(keys, lo) - 1
+        if a < 0:
+            a = 0
+        b = a + 1
+        if b < len(chunks) and keys[b] < hi:
+            b = bisect.bisect_left(keys, hi)          # the window spans chunks
+        elif b > len(chunks):
+            b = len(chunks)                           # an empty view
+        if b - a == 1:
+            chunk, starts = chunks[a]
+        else:
+            chunk, starts = (), []
+            for part, part_starts in chunks[a:b]:
+                chunk += part
+                starts = starts + part_starts
+        i = bisect.bisect_left(starts, lo)
+        j = bisect.bisect_left(starts, hi, i)
+        before = chunk[i - 1] if i else (chunks[a - 1][0][-1] if a else None)
+        after = chunk[j] if j < len(chunk) else (chunks[b][0][0] if b < len(chunks) else None)
+        if (before is not None and before.start + before.size > lo) or \
+                (j > i and chunk[j - 1].start + chunk[j - 1].size > hi):
+            return None
+        # (unmergeable ranges, most of a memslot-heavy view, are tested first)
+        if new:
+            first, last = new[0], new[-1]
+            if (before is not None and not first.unmergeable and _mergeable(before, first)) \
+                    or (after is not None and not last.unmergeable and _mergeable(last, after)):
+                return None
+            added += new
+        elif before is not None and after is not None and not before.unmergeable \
+                and _mergeable(before, after):
+            return None
+        if j > i:
+            removed += chunk[i:j]
+        chunk = chunk[:i] + tuple(new) + chunk[j:]
+        starts = starts[:i] + list(map(_start_of, new)) + starts[j:]
+        length += len(new) - (j - i)
+        if len(chunk) > 2 * _CHUNK or b - a != 1:
+            pieces = _chunked(list(chunk), starts)
+            firsts = [part_starts[0] for _, part_starts in pieces]
+        elif chunk:
+            pieces, firsts = [(chunk, starts)], [starts[0]]
+        else:
+            pieces, firsts = [], []
+        chunks = chunks[:a] + tuple(pieces) + chunks[b:]
+        keys = keys[:a] + firsts + keys[b:]
+    spliced = FlatView.__new__(FlatView)
+    spliced.root, spliced._chunks, spliced._keys = view.root, chunks, keys
+    spliced._len, spliced._flat = length, None
+    return spliced, removed, added

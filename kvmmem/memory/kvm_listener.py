@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["KvmMemoryListener", "MemslotRecord", "KVM_MEM_READONLY"]
 
 KVM_MEM_READONLY = 1 << 1      # linux/kvm.h; guest writes exit as MMIO
+_RAM = RegionKind.RAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +64,16 @@ class KvmMemoryListener(MemoryListener):
         self._freed.clear()
 
     def region_add(self, fr: FlatRange) -> None:
-        if fr.region.kind is not RegionKind.RAM:
+        region = fr.region
+        if region.kind is not _RAM:
             return
-        gpa, size, hva = _page_aligned(fr)
-        if size <= 0:
-            return                       # smaller than a page: left to MMIO emulation
+        gpa, size = fr.start, fr.size
+        if (gpa | size) % PAGE_SIZE:
+            gpa, size, hva = _page_aligned(fr)
+            if size <= 0:
+                return                   # smaller than a page: left to MMIO emulation
+        else:
+            hva = region.host_address(fr.offset)
         flags = KVM_MEM_READONLY if fr.readonly else 0
         slot = self._freed.pop(fr, None) if self._freed else None
         if slot is not None and slot not in self.vm.memslots:

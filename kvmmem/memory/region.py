@@ -20,6 +20,7 @@ import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from kvmmem.memory.address_index import AddressIndex
 from kvmmem.memory.host import HostMemory
 
 if TYPE_CHECKING:
@@ -40,11 +41,17 @@ class RegionKind(enum.Enum):
     IO = "io"
 
 
+# What a journalled mutation was, when it is one the incremental commit
+# handles: (container, child, child's offset, True for added / False for
+# removed). Other mutations are journalled with None.
+Change = tuple["MemoryRegion", "MemoryRegion", int, bool]
+
+
 class _Journal(Protocol):
     """What region mutations need from the transaction machinery."""
 
     def begin(self) -> None: ...
-    def record(self, undo: Callable[[], None]) -> None: ...
+    def record(self, undo: Callable[[], None], change: Change | None = None) -> None: ...
     def commit(self) -> None: ...
 
 
@@ -63,7 +70,7 @@ class MemoryRegion:
     __slots__ = ("name", "size", "kind", "priority", "addr", "parent", "enabled",
                  "readonly", "unmergeable", "host", "host_offset", "target",
                  "alias_offset", "read_fn", "write_fn",
-                 "_children", "_aliased_by", "_rcache", "__weakref__")
+                 "_children", "_aliased_by", "_rcache", "_aindex", "__weakref__")
 
     def __init__(self, kind: RegionKind, name: str, size: int) -> None:
         if not isinstance(name, str):
@@ -94,6 +101,8 @@ class MemoryRegion:
         self._aliased_by: list[weakref.ref[MemoryRegion]] = []
         # (render key, rendered ranges) of the last rendering; see flatview.py.
         self._rcache: tuple[tuple, list[FlatRange]] | None = None
+        # Subregions by address, built when first asked for (address_index.py).
+        self._aindex: AddressIndex | None = None
 
     # -- constructors ---------------------------------------------------------
 
@@ -159,6 +168,13 @@ class MemoryRegion:
         """RAM and I/O regions end a lookup; containers and aliases pass it on."""
         return self.kind is RegionKind.RAM or self.kind is RegionKind.IO
 
+    def address_index(self) -> AddressIndex:
+        """The subregions sorted by address (kept current once built)."""
+        index = self._aindex
+        if index is None:
+            index = self._aindex = AddressIndex(self._children)
+        return index
+
     def host_address(self, offset: int = 0) -> int:
         """Host virtual address of byte ``offset`` of a RAM region."""
         if self.host is None:
@@ -185,8 +201,9 @@ class MemoryRegion:
             raise TypeError(f"cannot add subregions to alias {self.name!r}")
         if not isinstance(child, MemoryRegion):
             raise TypeError(f"subregion must be a MemoryRegion, not {type(child).__name__}")
-        _check_int("offset", offset)
-        _check_int("priority", priority)
+        if type(offset) is not int or type(priority) is not int:    # exact ints pass at once
+            _check_int("offset", offset)
+            _check_int("priority", priority)
         if child.parent is not None:
             raise ValueError(f"region {child.name!r} is already mapped in "
                              f"{child.parent.name!r}; remove it there first")
@@ -196,7 +213,7 @@ class MemoryRegion:
         if self._reachable_from(child):
             raise ValueError(f"adding {child.name!r} to {self.name!r} would make a cycle")
         self._mutate(partial(self._link, child, offset, priority, None),
-                     partial(self._unlink, child))
+                     partial(self._unlink, child), (self, child, offset, True))
 
     def del_subregion(self, child: MemoryRegion) -> None:
         """Unmap ``child`` from this region."""
@@ -205,7 +222,8 @@ class MemoryRegion:
             raise ValueError(f"{name!r} is not a subregion of {self.name!r}")
         index = self._children.index(child)
         self._mutate(partial(self._unlink, child),
-                     partial(self._link, child, child.addr, child.priority, index))
+                     partial(self._link, child, child.addr, child.priority, index),
+                     (self, child, child.addr, False))
 
     def set_enabled(self, enabled: bool) -> None:
         """Show or hide the region (and everything below it) without unmapping it."""
@@ -248,12 +266,15 @@ class MemoryRegion:
         def apply(v: object) -> Callable[[], None]:
             def run() -> None:
                 setattr(self, attr, v)
+                if attr == "addr" and self.parent is not None:
+                    self.parent._aindex = None      # rebuilt when next asked for
                 self._invalidate()
             return run
 
         self._mutate(apply(value), apply(old))
 
-    def _mutate(self, do: Callable[[], None], undo: Callable[[], None]) -> None:
+    def _mutate(self, do: Callable[[], None], undo: Callable[[], None],
+                change: Change | None = None) -> None:
         journal = _journal
         if journal is None:
             do()
@@ -261,26 +282,32 @@ class MemoryRegion:
         journal.begin()
         try:
             do()
-            journal.record(undo)
+            journal.record(undo, change)
         finally:
-            journal.commit()
+            journal.commit()       # the outermost commit updates views and listeners
 
     def _link(self, child: MemoryRegion, addr: int, priority: int, index: int | None) -> None:
         children = self._children
         if index is None:
-            index = len(children)
-            for i, other in enumerate(children):
-                if priority >= other.priority:
-                    index = i
-                    break
+            index = 0
+            if children and priority < children[0].priority:
+                index = len(children)
+                for i, other in enumerate(children):
+                    if priority >= other.priority:
+                        index = i
+                        break
         child.parent, child.addr, child.priority = self, addr, priority
         children.insert(index, child)
+        if self._aindex is not None:
+            self._aindex.insert(child)
         # The child keeps its cached rendering: the cache key holds its
         # position, and it was dropped if anything below the child changed.
         self._invalidate()
 
     def _unlink(self, child: MemoryRegion) -> None:
         self._children.remove(child)
+        if self._aindex is not None:
+            self._aindex.remove(child)
         child.parent = None
         self._invalidate()
 
@@ -303,6 +330,10 @@ class MemoryRegion:
         """Whether this region is ``start`` or lies below it (through aliases too)."""
         # Walk down from start (subregions and alias targets): adding a leaf,
         # the usual case, costs a step or two whatever the depth of the tree.
+        target = start.target
+        if not start._children and (target is None or (not target._children
+                                                        and target.target is None)):
+            return self is start or self is target        # a leaf, or an alias of one
         stack, seen = [start], set()
         while stack:
             mr = stack.pop()
