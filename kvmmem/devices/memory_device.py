@@ -345,13 +345,16 @@ class MemslotBudget:
         self._reservations[device_id] = Reservation(count)
 
     def set_used(self, device_id: str, used: int) -> None:
-        """Record how many of its reserved slots the device has mapped now."""
-        reservation = self._get(device_id)
-        _check_int("used", used)
+        """Record how many of its reserved slots the device has mapped now
+        (called on every memslot change of the device: kept short)."""
+        reservation = self._reservations.get(device_id) or self._get(device_id)
+        if type(used) is not int:
+            _check_int("used", used)
         if not 0 <= used <= reservation.reserved:
             raise MemslotBudgetError(f"memory device '{device_id}' cannot use {used} memslots: it reserved "
                                      f"{reservation.reserved}")
-        self._reservations[device_id] = Reservation(reservation.reserved, used)
+        if used != reservation.used:
+            self._reservations[device_id] = Reservation(reservation.reserved, used)
 
     def release(self, device_id: str) -> Reservation:
         """Drop a device's reservation (the device is unplugged)."""

@@ -177,17 +177,18 @@ class PlugBitmap:
 
     def _set(self, first: int, n: int, value: int) -> tuple[int, ...]:
         end = self._check_range(first, n)
+        bits, counts, per_slot = self._bits, self._counts, self._per_slot
         changed_slots: list[int] = []
-        for index in range(first // self._per_slot, (end - 1) // self._per_slot + 1):
-            lo = max(first, index * self._per_slot)
-            hi = min(end, (index + 1) * self._per_slot)
+        for index in range(first // per_slot, (end - 1) // per_slot + 1):
+            lo = max(first, index * per_slot)
+            hi = min(end, lo - lo % per_slot + per_slot)
             # blocks in [lo, hi) that are not yet in the target state
-            changes = self._bits.count(1 - value, lo, hi)
+            changes = bits.count(1 - value, lo, hi)
             if not changes:
                 continue
-            before = self._counts[index]
+            before = counts[index]
             after = before + changes if value else before - changes
-            self._counts[index] = after
+            counts[index] = after
             if before == 0 or after == 0:
                 changed_slots.append(index)
                 if after:
@@ -195,12 +196,13 @@ class PlugBitmap:
                 else:
                     self._populated.discard(index)
             self._plugged += changes if value else -changes
-        self._bits[first:end] = (b"\x01" if value else b"\x00") * n
+        bits[first:end] = (b"\x01" if value else b"\x00") * n
         return tuple(changed_slots)
 
     def _check_range(self, first: int, n: int) -> int:
-        _check_int("first", first)
-        _check_int("n", n)
+        if type(first) is not int or type(n) is not int:     # exact ints pass at once
+            _check_int("first", first)
+            _check_int("n", n)
         if n <= 0 or first < 0 or first + n > self._nb_blocks:
             raise ValueError(f"block range [{first}, {first + n}) is empty or outside the "
                              f"{self._nb_blocks} blocks of the device")

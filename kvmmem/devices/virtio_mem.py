@@ -166,7 +166,12 @@ class VirtioMem:
             return Response.error()
         rtype = req.type
         if rtype is RequestType.UNPLUG_ALL:
-            return Response.ack() if self._try(self._unplug_all) else Response.busy()
+            try:
+                self._unplug_all()
+            except _HOST_FAILURES as exc:
+                log.warning("%s: UNPLUG_ALL failed on the host side, answering BUSY: %s", self.id, exc)
+                return Response.busy()
+            return Response.ack()
         block_size = self.props.block_size
         try:
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
@@ -183,31 +188,44 @@ class VirtioMem:
             return Response.nack()
         if bits.any_in_state(first, n, plugged=plug):
             return Response.error()
-        ok = self._try(self._plug if plug else self._unplug, first, n)
-        return Response.ack() if ok else Response.busy()
+        try:
+            if plug:
+                self._plug(first, n)
+            else:
+                self._unplug(first, n)
+        except _HOST_FAILURES as exc:
+            log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
+            return Response.busy()
+        return Response.ack()
+
+    # PLUG and UNPLUG change only the memslots they touch: in dynamic mode
+    # exactly those the bitmap reports populated or emptied (the mapped
+    # memslots are the populated ones), in the other modes none.
 
     def _plug(self, first: int, n: int) -> None:
         backing, bits = self.backing, self.bitmap
         assert backing is not None and bits is not None     # process() checked
         backing.acquire(first, n, self.props.prealloc)
-        bits.plug(first, n)
-        try:
-            self._sync_memslots(backing, bits)
-        except BaseException:
-            bits.unplug(first, n)
-            backing.release([(first, n)])
-            raise
+        populated = bits.plug(first, n)
+        if populated and backing.mode is MemslotMode.DYNAMIC:
+            try:
+                self._remap(backing, bits, (), populated)
+            except BaseException:
+                bits.unplug(first, n)
+                backing.release([(first, n)])
+                raise
         self._set_plugged(bits)
 
     def _unplug(self, first: int, n: int) -> None:
         backing, bits = self.backing, self.bitmap
         assert backing is not None and bits is not None     # process() checked
-        bits.unplug(first, n)
-        try:
-            self._sync_memslots(backing, bits)
-        except BaseException:
-            bits.plug(first, n)
-            raise
+        emptied = bits.unplug(first, n)
+        if emptied and backing.mode is MemslotMode.DYNAMIC:
+            try:
+                self._remap(backing, bits, emptied, ())
+            except BaseException:
+                bits.plug(first, n)
+                raise
         backing.release([(first, n)])
         self._set_plugged(bits)
 
@@ -228,14 +246,6 @@ class VirtioMem:
         self._set_plugged(bits)
         if self.usable_region_size != old_usable:
             self._notify_config()
-
-    def _try(self, step: Callable[..., None], *args: int) -> bool:
-        try:
-            step(*args)
-            return True
-        except _HOST_FAILURES as exc:
-            log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
-            return False
 
     # -- control (QMP-like) -----------------------------------------------
 
@@ -276,11 +286,17 @@ class VirtioMem:
         """Map exactly the memslots the mode wants now."""
         if backing.mode is MemslotMode.SINGLE:
             return
-        before = len(backing.mapped)
+        before = backing.nb_mapped
         backing.set_mapped(wanted_memslots(backing.mode, backing.memslot_size,
                                            self.usable_region_size, bits), bits)
-        if len(backing.mapped) != before and self.on_memslots_change is not None:
-            self.on_memslots_change(len(backing.mapped))
+        if backing.nb_mapped != before and self.on_memslots_change is not None:
+            self.on_memslots_change(backing.nb_mapped)
+
+    def _remap(self, backing: VirtioMemBacking, bits: PlugBitmap,
+               unmap: tuple[int, ...], map: tuple[int, ...]) -> None:
+        backing.remap(unmap, map, bits)
+        if self.on_memslots_change is not None:
+            self.on_memslots_change(backing.nb_mapped)
 
     def _set_plugged(self, bits: PlugBitmap) -> None:
         size = bits.plugged_count * self.props.block_size

@@ -10,7 +10,7 @@ In ``single`` mode the RAM region itself is mapped, as before the seed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 
 from kvmmem.devices.memslot_plan import MemslotMode, PlugBitmap, memslot_count, plan_changes
 from kvmmem.memory.address_space import memory_transaction
@@ -40,7 +40,7 @@ class VirtioMemBacking:
         self.nb_memslots = memslot_count(memslot_size, host.size)
         self.blocks_per_memslot = memslot_size // block_size
         self._aliases: dict[int, MemoryRegion] = {}
-        self.mapped: frozenset[int] = frozenset()
+        self._mapped: set[int] = set()
 
     # -- memslots --------------------------------------------------------
 
@@ -55,40 +55,62 @@ class VirtioMemBacking:
             self._aliases[index] = alias
         return alias
 
-    def set_mapped(self, wanted: Set[int], bitmap: PlugBitmap) -> None:
-        """Make exactly ``wanted`` the mapped memslots, in one memory transaction.
+    @property
+    def mapped(self) -> frozenset[int]:
+        """Indices of the mapped memslots."""
+        return frozenset(self._mapped)
 
-        With block protection, the unplugged blocks of a memslot are guarded
-        before it is mapped and released after it is unmapped. On failure
-        (KVM refusing a slot) the memory layer has rolled the tree and KVM
-        back; the guards set here are removed again and the error raised.
-        """
+    @property
+    def nb_mapped(self) -> int:
+        return len(self._mapped)
+
+    def set_mapped(self, wanted: Set[int], bitmap: PlugBitmap) -> None:
+        """Make exactly ``wanted`` the mapped memslots (see :meth:`remap`)."""
         if self.mode is MemslotMode.SINGLE:
             return
-        changes = plan_changes(self.mapped, wanted)
-        if not changes.map and not changes.unmap:
+        changes = plan_changes(self._mapped, wanted)
+        self.remap(changes.unmap, changes.map, bitmap)
+
+    def remap(self, unmap: Sequence[int], map: Sequence[int], bitmap: PlugBitmap) -> None:
+        """Unmap memslots ``unmap`` and map ``map``, in one memory transaction.
+
+        The caller knows which memslots change (a request touches a few), so
+        the cost does not grow with the memslots mapped. With block
+        protection, the unplugged blocks of a memslot are guarded before it
+        is mapped and released after it is unmapped. On failure (KVM
+        refusing a slot) the memory layer has rolled the tree and KVM back;
+        the guards set here are removed again and the error raised.
+        """
+        if not map and not unmap:
             return
-        guarded = changes.map if self.protect_blocks else ()
+        guarded = map if self.protect_blocks else ()
         for index in guarded:
             self._guard_unplugged(index, bitmap, True)
+        top, aliases, size = self.top, self._aliases, self.memslot_size
         try:
-            with memory_transaction():
-                for index in changes.unmap:
-                    self.top.del_subregion(self._aliases[index])
-                for index in changes.map:
-                    alias = self.alias(index)
-                    self.top.add_subregion(index * self.memslot_size, alias)
+            if len(unmap) + len(map) == 1:      # one mutation is its own transaction
+                if unmap:
+                    top.del_subregion(aliases[unmap[0]])
+                else:
+                    top.add_subregion(map[0] * size, aliases.get(map[0]) or self.alias(map[0]))
+            else:
+                with memory_transaction():
+                    for index in unmap:
+                        top.del_subregion(aliases[index])
+                    for index in map:
+                        top.add_subregion(index * size, aliases.get(index) or self.alias(index))
         except BaseException:
             for index in guarded:
                 self._guard_unplugged(index, bitmap, False)
             raise
-        self.mapped = frozenset(wanted)
+        self._mapped.difference_update(unmap)
+        self._mapped.update(map)
         if self.protect_blocks:
-            for index in changes.unmap:
+            for index in unmap:
                 self._guard_unplugged(index, bitmap, False)
 
     def is_mapped(self, index: int) -> bool:
-        return self.mode is MemslotMode.SINGLE or index in self.mapped
+        return self.mode is MemslotMode.SINGLE or index in self._mapped
 
     # -- host pages ------------------------------------------------------
 

@@ -302,7 +302,8 @@ def validate_range(addr: int, nb_blocks: int, *, region_addr: int,
     block-aligned, ``nb_blocks`` is 0, the range wraps around 2**64, or it is
     not fully inside ``[region_addr, region_addr + usable_region_size)``.
     """
-    _check_block_size(block_size)
+    if type(block_size) is not int or block_size <= 0 or block_size & (block_size - 1):
+        _check_block_size(block_size)
     if addr % block_size:
         raise InvalidRange(f"address {addr:#x} is not aligned to the block size {block_size:#x}")
     if nb_blocks <= 0:
