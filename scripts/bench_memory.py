@@ -6,10 +6,12 @@
    KVM_SET_USER_MEMORY_REGION calls are counted.
 2. The same with N = 10, 100, 1000, 10000 mapped aliases of 2 MiB (10000
    slots of 1 GiB would need ~25 GiB of KVM metadata on a shadow-MMU host):
-   commit time of adding and of removing one alias, to show the growth.
+   commit time of adding and of removing one alias: a spliced commit costs
+   the same whatever the number of ranges (a full rendering would grow
+   with it).
 
 Times are the median of several add/remove rounds, each a whole commit
-(render, diff, listener calls, ioctl).
+(splice or rendering, listener calls, ioctl).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def _verdicts(run: bs.Run) -> dict[str, bool | None]:
 def test_targets_met() -> None:
     run = make_run([case("single", 0, 2566 * MiB, create=0.5), case("single", GiB, 2566 * MiB),
                     case("dynamic", 0, 10_000, create=0.001), case("dynamic", GiB, int(2.5 * MiB))])
-    run.overhead = bs.Overhead(110e-6, 101e-6, 100e-6, 1, 1)
+    run.overheads = [bs.Overhead(110e-6, 101e-6, 100e-6, 1, 2), bs.Overhead(115e-6, 101e-6, 100e-6, 1, 2, others=1000)]
     verdicts = [ok for _, _, ok in bs.evaluate_targets(run)]
     assert len(verdicts) == 5 and all(verdicts)
 
@@ -118,7 +118,7 @@ def test_targets_missed() -> None:
     run = make_run([case("single", 0, 2566 * MiB, create=0.05), case("single", GiB, 2566 * MiB),
                     case("dynamic", 0, 2 * MiB, create=0.001, rss_after=102 * MiB),
                     case("dynamic", GiB, 10 * MiB)])
-    run.overhead = bs.Overhead(150e-6, 101e-6, 100e-6, 1, 1)
+    run.overheads = [bs.Overhead(110e-6, 101e-6, 100e-6, 1, 2), bs.Overhead(150e-6, 101e-6, 100e-6, 1, 2, others=1000)]
     verdicts = [ok for _, _, ok in bs.evaluate_targets(run)]
     assert len(verdicts) == 5 and not any(verdicts)
 
@@ -135,10 +135,20 @@ def test_64t_target_needs_a_measured_dynamic_plug() -> None:
 def test_json_round_trip_keeps_the_report() -> None:
     run = make_run([case("single", 0, 2566 * MiB), case("dynamic", 0, 0),
                     bs.Case("single", TiB, GiB, not_possible="too big")])
-    run.overhead = bs.Overhead(120e-6, 101e-6, 100e-6, 3, 4)
+    run.overheads = [bs.Overhead(120e-6, 101e-6, 100e-6, 3, 2, 110e-6, others=1000)]
     data = json.loads(json.dumps(bs.run_to_json(run)))
-    assert data["overhead"]["device_ratio"] == pytest.approx(1.2)
+    assert data["overheads"][0]["device_ratio"] == pytest.approx(1.2)
     assert bs.format_report(bs.run_from_json(data)) == bs.format_report(run)
+
+
+def test_json_of_a_run_before_several_overheads_still_reads() -> None:
+    run = make_run([case("dynamic", 0, 0)])
+    data = bs.run_to_json(run)
+    del data["overheads"]
+    data["overhead"] = {"device_change_s": 130e-6, "vm_change_s": 101e-6, "ioctl_change_s": 100e-6,
+                        "rounds": 15, "batch": 10, "memory_change_s": 115e-6, "device_ratio": 1.3}
+    old = bs.run_from_json(data)
+    assert [(o.others, round(o.device_ratio, 2)) for o in old.overheads] == [(0, 1.3)]
 
 
 def test_plot_series_skips_unmeasured_cases() -> None:
@@ -163,3 +173,13 @@ def test_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert cases[("single", 0)]["kernel_bytes"] > cases[("dynamic", GiB)]["kernel_bytes"] > 0
     assert all(c["rss_touched"] - c["rss_before"] >= GiB // 2 for c in cases.values())
     assert "| 4 GiB | dynamic | 1 GiB |" in capsys.readouterr().out
+
+
+@pytest.mark.kvm
+def test_overhead_measurement_runs_among_other_memslots() -> None:
+    import bench_overhead
+    o = bench_overhead.measure_overhead(rounds=3, others=3)
+    assert o.others == 3 and o.rounds == 3
+    assert min(o.device_change_s, o.vm_change_s, o.ioctl_change_s, o.memory_change_s or 0) > 0
+    table = bench_overhead.format_overheads([o])
+    assert "among 3 memslots" in table and table.count("\n") == 5

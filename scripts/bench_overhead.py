@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""What kvmmem costs per memslot change, against the bare ioctl.
+
+One VM with a ``dynamic`` virtio-mem device of ``others + 2`` memslots of
+1 GiB, of which ``others`` (from memslot 2 on) are mapped by plugging one
+block in each: the change is measured among that many memslots, as in a
+large device in use. Four ways of creating and deleting the 1 GiB memslot 1
+are timed, one pair each in turn, every pair followed by a bare pair so that
+both see the same state of the host:
+
+- device: a PLUG request of one block at the start of memslot 1 (maps it)
+  and the UNPLUG of that block (unmaps it), through ``VirtioMem.handle``;
+- memory: adding and removing an unmergeable alias of the same range in
+  the device's memslot container (transaction, flat view, KVM listener);
+- vm: ``Vm.add_memslot`` / ``Vm.delete_memslot``;
+- ioctl: ``fcntl.ioctl(KVM_SET_USER_MEMORY_REGION)`` create + delete, the
+  bare ioctl the others are compared with.
+
+Run alone it prints a Markdown table; bench_slots.py includes it in its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import statistics
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
+from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
+from kvmmem.kvm import Kvm, lib
+from kvmmem.memory import HostMemory, MemoryRegion
+from kvmmem.vmm.machine_memory import MachineMemory
+
+GIB = 1 << 30
+BOOT_RAM = GIB
+TARGET = 1.2                    # issue 7: kvmmem per memslot change <= 1.2x the bare ioctl
+
+
+@dataclass
+class Overhead:
+    """One memslot change through kvmmem against the bare ioctl, among ``others`` memslots."""
+
+    device_change_s: float       # plug or unplug of a block that maps/unmaps a memslot
+    vm_change_s: float           # Vm.add_memslot / Vm.delete_memslot
+    ioctl_change_s: float        # fcntl.ioctl KVM_SET_USER_MEMORY_REGION
+    rounds: int
+    batch: int                   # changes per timed sample (2: one pair)
+    memory_change_s: float | None = None   # memory transaction mapping/unmapping one alias
+    others: int = 0                        # memslots of the device mapped meanwhile
+
+    @property
+    def memory_ratio(self) -> float | None:
+        return None if self.memory_change_s is None else self.memory_change_s / self.ioctl_change_s
+
+    @property
+    def device_ratio(self) -> float:
+        return self.device_change_s / self.ioctl_change_s
+
+    @property
+    def vm_ratio(self) -> float:
+        return self.vm_change_s / self.ioctl_change_s
+
+
+def measure_overhead(rounds: int = 300, others: int = 0) -> Overhead:
+    """Median time per memslot change of each way (see the module docstring)."""
+    device_size = (others + 2) * GIB
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 4 * GIB)
+        dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
+                                       requested_size=device_size, memslots="dynamic"))
+        try:
+            machine.plug(dev)
+            return _measure(vm, dev, rounds, others)
+        finally:
+            machine.close()
+            dev.memdev.close()
+
+
+def _measure(vm, dev: VirtioMem, rounds: int, others: int) -> Overhead:  # type: ignore[no-untyped-def]
+    size = dev.memslot_size
+    if size != GIB:
+        raise RuntimeError(f"expected 1 GiB memslots, the device got {size:#x}")
+    for index in range(2, others + 2):
+        _ack(dev, Request(RequestType.PLUG, dev.addr + index * size, 1).pack())
+    gpa, uaddr = dev.addr + size, dev.memdev.address + size
+    plug = Request(RequestType.PLUG, gpa, 1).pack()
+    unplug = Request(RequestType.UNPLUG, gpa, 1).pack()
+    slot = max(vm.memslots, default=-1) + 100
+    create = struct.pack("<IIQQQ", slot, 0, gpa, size, uaddr)
+    delete = struct.pack("<IIQQQ", slot, 0, gpa, 0, uaddr)
+    container = dev.backing.top                          # type: ignore[union-attr]
+    alias = MemoryRegion.alias("bench-memslot", dev.backing.ram, size, size,  # type: ignore[union-attr]
+                               unmergeable=True)
+    fd, request = vm.fd, lib.KVM_SET_USER_MEMORY_REGION
+
+    def via_device() -> None:
+        dev.handle(0, plug, 10)
+        dev.handle(0, unplug, 10)
+
+    def via_memory() -> None:
+        container.add_subregion(size, alias)
+        container.del_subregion(alias)
+
+    def via_vm() -> None:
+        vm.delete_memslot(vm.add_memslot(gpa, size, uaddr))
+
+    def via_ioctl() -> None:
+        fcntl.ioctl(fd, request, create)
+        fcntl.ioctl(fd, request, delete)
+
+    before = vm.used_memslots
+    _ack(dev, plug)
+    if vm.used_memslots != before + 1:
+        raise RuntimeError("the PLUG request did not map exactly one memslot")
+    _ack(dev, unplug)
+    ways: dict[str, Callable[[], None]] = {"device": via_device, "memory": via_memory, "vm": via_vm}
+    samples: dict[str, list[float]] = {k: [] for k in (*ways, "ioctl")}
+    clock = time.perf_counter
+    for _ in range(5):                                    # warm up
+        for fn in (*ways.values(), via_ioctl):
+            fn()
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            t0 = clock()
+            fn()
+            t1 = clock()
+            via_ioctl()
+            t2 = clock()
+            samples[name].append((t1 - t0) / 2)
+            samples["ioctl"].append((t2 - t1) / 2)
+    if vm.used_memslots != before or dev.plugged_size != others * dev.block_size:
+        raise RuntimeError("the measured changes did not leave the memslots as they were")
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return Overhead(med["device"], med["vm"], med["ioctl"], rounds, 2, med["memory"], others)
+
+
+def _ack(dev: VirtioMem, request: bytes) -> None:
+    raw = dev.handle(0, request, 10)
+    resp = Response.parse(raw) if raw is not None else None
+    if resp is None or resp.type is not ResponseType.ACK:
+        raise RuntimeError(f"{Request.parse(request)} answered {resp}")
+
+
+def format_overheads(overheads: list[Overhead]) -> str:
+    """The Markdown table: one row per way, one column pair per number of memslots."""
+    head = "| one memslot change (1 GiB slot) |" + "".join(
+        f" among {o.others} memslots: median us | / bare ioctl |" for o in overheads)
+    rows = [head, "|---|" + "---|---|" * len(overheads)]
+    lines: list[tuple[str, Callable[[Overhead], tuple[float | None, float | None]]]] = [
+        ("virtio-mem request (plug/unplug one block, maps/unmaps the slot)",
+         lambda o: (o.device_change_s, o.device_ratio)),
+        ("memory transaction (map/unmap one unmergeable alias)",
+         lambda o: (o.memory_change_s, o.memory_ratio)),
+        ("Vm.add_memslot / Vm.delete_memslot", lambda o: (o.vm_change_s, o.vm_ratio)),
+        ("fcntl.ioctl(KVM_SET_USER_MEMORY_REGION)", lambda o: (o.ioctl_change_s, 1.0)),
+    ]
+    for label, get in lines:
+        cells = []
+        for o in overheads:
+            t, r = get(o)
+            cells.append("- | - |" if t is None or r is None else f" {t * 1e6:.1f} | {r:.2f} |")
+        rows.append(f"| {label} |" + "".join(cells))
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memslots", default="0,1000",
+                        help="numbers of other mapped memslots, comma-separated (default 0,1000)")
+    parser.add_argument("--rounds", type=int, default=300, help="timed pairs per way (default 300)")
+    args = parser.parse_args(argv)
+    overheads = [measure_overhead(args.rounds, int(n)) for n in args.memslots.split(",")]
+    print(format_overheads(overheads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
