@@ -5,8 +5,11 @@ One VM with a ``dynamic`` virtio-mem device of ``others + 2`` memslots of
 1 GiB, of which ``others`` (from memslot 2 on) are mapped by plugging one
 block in each: the change is measured among that many memslots, as in a
 large device in use. Four ways of creating and deleting the 1 GiB memslot 1
-are timed, one pair each in turn, every pair followed by a bare pair so that
-both see the same state of the host:
+are timed, in rounds: each round runs ``batch`` create+delete pairs of each
+way in turn (steady state, as a VMM making many changes sees it). A way's
+ratio is the median over the rounds of its time against the bare ioctl's
+in the same round, so that the drift of the ioctl's own cost over a run
+(it moves by a third on these machines) cancels out:
 
 - device: a PLUG request of one block at the start of memslot 1 (maps it)
   and the UNPLUG of that block (unmaps it), through ``VirtioMem.handle``;
@@ -49,24 +52,31 @@ class Overhead:
     vm_change_s: float           # Vm.add_memslot / Vm.delete_memslot
     ioctl_change_s: float        # fcntl.ioctl KVM_SET_USER_MEMORY_REGION
     rounds: int
-    batch: int                   # changes per timed sample (2: one pair)
+    batch: int                   # changes per timed sample
     memory_change_s: float | None = None   # memory transaction mapping/unmapping one alias
     others: int = 0                        # memslots of the device mapped meanwhile
+    # Median per-round ratios to the bare ioctl; None: the ratio of the medians.
+    paired: dict[str, float] | None = None
+
+    def _ratio(self, way: str, t: float | None) -> float | None:
+        if self.paired and way in self.paired:
+            return self.paired[way]
+        return None if t is None else t / self.ioctl_change_s
 
     @property
     def memory_ratio(self) -> float | None:
-        return None if self.memory_change_s is None else self.memory_change_s / self.ioctl_change_s
+        return self._ratio("memory", self.memory_change_s)
 
     @property
     def device_ratio(self) -> float:
-        return self.device_change_s / self.ioctl_change_s
+        return self._ratio("device", self.device_change_s)  # type: ignore[return-value]
 
     @property
     def vm_ratio(self) -> float:
-        return self.vm_change_s / self.ioctl_change_s
+        return self._ratio("vm", self.vm_change_s)  # type: ignore[return-value]
 
 
-def measure_overhead(rounds: int = 300, others: int = 0) -> Overhead:
+def measure_overhead(rounds: int = 31, others: int = 0, batch: int = 20) -> Overhead:
     """Median time per memslot change of each way (see the module docstring)."""
     device_size = (others + 2) * GIB
     with Kvm() as kvm, kvm.create_vm() as vm:
@@ -75,13 +85,13 @@ def measure_overhead(rounds: int = 300, others: int = 0) -> Overhead:
                                        requested_size=device_size, memslots="dynamic"))
         try:
             machine.plug(dev)
-            return _measure(vm, dev, rounds, others)
+            return _measure(vm, dev, rounds, others, batch)
         finally:
             machine.close()
             dev.memdev.close()
 
 
-def _measure(vm, dev: VirtioMem, rounds: int, others: int) -> Overhead:  # type: ignore[no-untyped-def]
+def _measure(vm, dev: VirtioMem, rounds: int, others: int, batch: int) -> Overhead:  # type: ignore[no-untyped-def]
     size = dev.memslot_size
     if size != GIB:
         raise RuntimeError(f"expected 1 GiB memslots, the device got {size:#x}")
@@ -99,44 +109,47 @@ def _measure(vm, dev: VirtioMem, rounds: int, others: int) -> Overhead:  # type:
     fd, request = vm.fd, lib.KVM_SET_USER_MEMORY_REGION
 
     def via_device() -> None:
-        dev.handle(0, plug, 10)
-        dev.handle(0, unplug, 10)
+        for _ in range(batch):
+            dev.handle(0, plug, 10)
+            dev.handle(0, unplug, 10)
 
     def via_memory() -> None:
-        container.add_subregion(size, alias)
-        container.del_subregion(alias)
+        for _ in range(batch):
+            container.add_subregion(size, alias)
+            container.del_subregion(alias)
 
     def via_vm() -> None:
-        vm.delete_memslot(vm.add_memslot(gpa, size, uaddr))
+        for _ in range(batch):
+            vm.delete_memslot(vm.add_memslot(gpa, size, uaddr))
 
     def via_ioctl() -> None:
-        fcntl.ioctl(fd, request, create)
-        fcntl.ioctl(fd, request, delete)
+        for _ in range(batch):
+            fcntl.ioctl(fd, request, create)
+            fcntl.ioctl(fd, request, delete)
 
     before = vm.used_memslots
     _ack(dev, plug)
     if vm.used_memslots != before + 1:
         raise RuntimeError("the PLUG request did not map exactly one memslot")
     _ack(dev, unplug)
-    ways: dict[str, Callable[[], None]] = {"device": via_device, "memory": via_memory, "vm": via_vm}
-    samples: dict[str, list[float]] = {k: [] for k in (*ways, "ioctl")}
+    ways: dict[str, Callable[[], None]] = {"device": via_device, "memory": via_memory,
+                                           "vm": via_vm, "ioctl": via_ioctl}
+    samples: dict[str, list[float]] = {k: [] for k in ways}
     clock = time.perf_counter
-    for _ in range(5):                                    # warm up
-        for fn in (*ways.values(), via_ioctl):
-            fn()
+    for fn in ways.values():                              # warm up
+        fn()
     for _ in range(rounds):
         for name, fn in ways.items():
             t0 = clock()
             fn()
-            t1 = clock()
-            via_ioctl()
-            t2 = clock()
-            samples[name].append((t1 - t0) / 2)
-            samples["ioctl"].append((t2 - t1) / 2)
+            samples[name].append((clock() - t0) / (2 * batch))
     if vm.used_memslots != before or dev.plugged_size != others * dev.block_size:
         raise RuntimeError("the measured changes did not leave the memslots as they were")
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return Overhead(med["device"], med["vm"], med["ioctl"], rounds, 2, med["memory"], others)
+    paired = {k: statistics.median(t / i for t, i in zip(samples[k], samples["ioctl"]))
+              for k in ("device", "memory", "vm")}
+    return Overhead(med["device"], med["vm"], med["ioctl"], rounds, 2 * batch, med["memory"],
+                    others, paired)
 
 
 def _ack(dev: VirtioMem, request: bytes) -> None:
@@ -172,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memslots", default="0,1000",
                         help="numbers of other mapped memslots, comma-separated (default 0,1000)")
-    parser.add_argument("--rounds", type=int, default=300, help="timed pairs per way (default 300)")
+    parser.add_argument("--rounds", type=int, default=31, help="timed rounds per way (default 31)")
+    parser.add_argument("--batch", type=int, default=20,
+                        help="create+delete pairs per round and way (default 20)")
     args = parser.parse_args(argv)
-    overheads = [measure_overhead(args.rounds, int(n)) for n in args.memslots.split(",")]
+    overheads = [measure_overhead(args.rounds, int(n), args.batch) for n in args.memslots.split(",")]
     print(format_overheads(overheads))
     return 0
 

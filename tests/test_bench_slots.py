@@ -178,7 +178,7 @@ def test_tiny_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.kvm
 def test_overhead_measurement_runs_among_other_memslots() -> None:
     import bench_overhead
-    o = bench_overhead.measure_overhead(rounds=3, others=3)
+    o = bench_overhead.measure_overhead(rounds=3, others=3, batch=2)
     assert o.others == 3 and o.rounds == 3
     assert min(o.device_change_s, o.vm_change_s, o.ioctl_change_s, o.memory_change_s or 0) > 0
     table = bench_overhead.format_overheads([o])

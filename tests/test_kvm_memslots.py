@@ -93,6 +93,16 @@ def test_unmapped_host_memory_is_refused(vm: Vm, host_buffer) -> None:  # type: 
     assert vm.ioctl_counts["KVM_SET_USER_MEMORY_REGION"] == 0
 
 
+def test_host_mapped_skips_the_check_that_kvm_does_not_make(vm: Vm, host_buffer) -> None:  # type: ignore[no-untyped-def]
+    buf = host_buffer(2 * MIB)
+    address = buf.address
+    buf.close()
+    slot = vm.add_memslot(0, 2 * MIB, address, host_mapped=True)   # KVM itself takes it
+    assert vm.memslots[slot].userspace_addr == address
+    assert vm.ioctl_counts["KVM_SET_USER_MEMORY_REGION"] == 1
+    vm.delete_memslot(slot)
+
+
 def test_slot_id_beyond_limit_is_refused(vm: Vm, host_buffer) -> None:  # type: ignore[no-untyped-def]
     buf = host_buffer(2 * MIB)
     before = snapshot(vm)

@@ -83,10 +83,18 @@ class Vm(FdObject):
         return self.max_memslots - len(self._slots)
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
-                               userspace_addr: int, flags: int = 0) -> None:
+                               userspace_addr: int, flags: int = 0, *,
+                               host_mapped: bool = False) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, change the flags of, or (with
-        ``memory_size`` 0) delete the memslot ``slot``."""
-        self._check_region(_SET_REGION, slot, guest_phys_addr, memory_size, userspace_addr)
+        ``memory_size`` 0) delete the memslot ``slot``.
+
+        KVM accepts a host range that is not mapped and faults later, so the
+        range is checked first (one ``msync``), unless the caller vouches for
+        it with ``host_mapped`` (the memory layer does: its RAM is a live
+        ``HostMemory`` mapping).
+        """
+        self._check_region(_SET_REGION, slot, guest_phys_addr, memory_size, userspace_addr,
+                           host_mapped)
         r = self._region
         r.slot, r.flags = slot, flags
         r.guest_phys_addr, r.memory_size, r.userspace_addr = guest_phys_addr, memory_size, userspace_addr
@@ -115,12 +123,14 @@ class Vm(FdObject):
         self._account(slot, guest_phys_addr, memory_size, userspace_addr, flags)
 
     def add_memslot(self, guest_phys_addr: int, memory_size: int, userspace_addr: int,
-                    flags: int = 0) -> int:
-        """Register a memslot under the lowest free slot id and return the id."""
+                    flags: int = 0, *, host_mapped: bool = False) -> int:
+        """Register a memslot under the lowest free slot id and return the id
+        (``host_mapped``: see :meth:`set_user_memory_region`)."""
         if memory_size <= 0:
             raise KvmError(errno.EINVAL, _SET_REGION, "a new memslot needs a size above 0")
         slot = self._lowest_free_slot()
-        self.set_user_memory_region(slot, guest_phys_addr, memory_size, userspace_addr, flags)
+        self.set_user_memory_region(slot, guest_phys_addr, memory_size, userspace_addr, flags,
+                                    host_mapped=host_mapped)
         return slot
 
     def delete_memslot(self, slot: int) -> None:
@@ -142,7 +152,8 @@ class Vm(FdObject):
         self._ioctl_ptr("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
         return ffi.buffer(bitmap)[:]
 
-    def _check_region(self, name: str, slot: int, gpa: int, size: int, uaddr: int) -> None:
+    def _check_region(self, name: str, slot: int, gpa: int, size: int, uaddr: int,
+                      host_mapped: bool = False) -> None:
         """Refuse, before the ioctl, what KVM would refuse or silently accept
         wrongly, with a message that says which rule was broken."""
         if not 0 <= slot < self.max_memslots:
@@ -160,7 +171,7 @@ class Vm(FdObject):
                 if value % PAGE_SIZE:
                     raise KvmError(errno.EINVAL, name, f"{what} {value:#x} is not a multiple of "
                                    f"the {PAGE_SIZE}-byte page size")
-        if lib.kvmmem_range_mapped(uaddr, size) != 0:
+        if not host_mapped and lib.kvmmem_range_mapped(uaddr, size) != 0:
             raise KvmError(errno.EFAULT, name, f"host range {uaddr:#x}+{size:#x} is not "
                            "(entirely) mapped in this process")
 

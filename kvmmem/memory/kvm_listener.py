@@ -77,9 +77,11 @@ class KvmMemoryListener(MemoryListener):
         flags = KVM_MEM_READONLY if fr.readonly else 0
         slot = self._freed.pop(fr, None) if self._freed else None
         if slot is not None and slot not in self.vm.memslots:
-            self.vm.set_user_memory_region(slot, gpa, size, hva, flags)
+            self.vm.set_user_memory_region(slot, gpa, size, hva, flags, host_mapped=True)
         else:
-            slot = self.vm.add_memslot(gpa, size, hva, flags)
+            # host_mapped: hva comes from a HostMemory that is open (its
+            # address property raises otherwise), no need for an msync.
+            slot = self.vm.add_memslot(gpa, size, hva, flags, host_mapped=True)
         self._by_start[fr.start] = (fr, slot, gpa, size, hva, flags)
 
     def region_del(self, fr: FlatRange) -> None:
