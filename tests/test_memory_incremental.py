@@ -131,6 +131,23 @@ def test_removing_a_merged_range_falls_back_and_keeps_the_neighbour(memslots) ->
     assert space.flatview.ranges == fresh_render(root)
 
 
+def test_a_space_root_placed_in_a_container_is_rendered_again() -> None:
+    host = HostMemory(8 * MiB, "m")
+    inner = MemoryRegion.container("inner", 8 * MiB)
+    inner.add_subregion(0, MemoryRegion.ram("r", host))
+    outer = MemoryRegion.container("outer", 64 * MiB)
+    inner_space, outer_space = AddressSpace(inner, "inner"), AddressSpace(outer, "outer")
+    try:
+        outer.add_subregion(16 * MiB, inner)
+        for space in (inner_space, outer_space):
+            assert space.flatview.ranges == fresh_render(space.root)
+        assert outer_space.lookup(16 * MiB) is not None
+    finally:
+        inner_space.destroy()
+        outer_space.destroy()
+        host.close()
+
+
 def test_address_index_answers_overlap_questions() -> None:
     host = HostMemory(16 * MiB, "m")
     ram = MemoryRegion.ram("m", host)

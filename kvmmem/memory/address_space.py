@@ -132,10 +132,17 @@ class _Transaction:
         out = []
         for change in self.changes:
             placement = place(change) if change is not None else None
-            if placement is None:
-                return None
+            if placement is None or self._is_root(change[1]):   # type: ignore[index]
+                return None          # a root moved: its whole space shifts
             out.append((change, placement))
         return out
+
+    def _is_root(self, region: MemoryRegion) -> bool:
+        for ref in self.spaces.values():
+            space = ref()
+            if space is not None and space.root is region:
+                return True
+        return False
 
     def _update_all(self) -> None:
         updates = []
