@@ -13,6 +13,7 @@ typedef int... __u16;
 typedef int... __u32;
 typedef int... __s32;
 typedef int... __u64;
+typedef int... __s64;
 
 /* ioctl request numbers */
 #define KVM_GET_API_VERSION ...
@@ -28,6 +29,8 @@ typedef int... __u64;
 #define KVM_SET_IDENTITY_MAP_ADDR ...
 #define KVM_CREATE_IRQCHIP ...
 #define KVM_CREATE_PIT2 ...
+#define KVM_GET_PIT2 ...
+#define KVM_SET_PIT2 ...
 #define KVM_IRQ_LINE ...
 #define KVM_IRQFD ...
 #define KVM_IOEVENTFD ...
@@ -183,6 +186,28 @@ struct kvm_cpuid2 {
 };
 
 struct kvm_pit_config {
+    __u32 flags;
+    ...;
+};
+
+struct kvm_pit_channel_state {
+    __u32 count;
+    __u16 latched_count;
+    __u8 count_latched;
+    __u8 status_latched;
+    __u8 status;
+    __u8 read_state;
+    __u8 write_state;
+    __u8 write_latch;
+    __u8 rw_mode;
+    __u8 mode;
+    __u8 bcd;
+    __u8 gate;
+    __s64 count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
     __u32 flags;
     ...;
 };

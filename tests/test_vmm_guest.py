@@ -185,3 +185,23 @@ def test_guest_reset_through_port_0x64_reboots_with_everything_unplugged(guest_e
               requested_size=256 * MiB)
     assert run.run() == 0
     assert boots == [0, 0, 0] and run.machine.resets == 2
+
+
+def test_reset_restores_the_power_on_pit(guest_elf) -> None:  # type: ignore[no-untyped-def]
+    """A timer the old guest programmed must not tick into the new one."""
+    run = Run(guest_elf, lambda run, line: None)
+    vm = run.machine.vm
+    try:
+        def channel0() -> tuple[int, int, int]:
+            c = vm.get_pit2().channels[0]
+            return c.count, c.mode, c.rw_mode
+
+        power_on = channel0()
+        state = vm.get_pit2()
+        state.channels[0].mode, state.channels[0].count, state.channels[0].rw_mode = 2, 1193, 3
+        vm.set_pit2(state)                        # as a guest programming a 1 kHz tick
+        assert channel0() == (1193, 2, 3) != power_on
+        run.machine.reset()
+        assert channel0() == power_on
+    finally:
+        run.machine.close()

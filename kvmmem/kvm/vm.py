@@ -241,6 +241,16 @@ class Vm(FdObject):
         config.flags = flags
         self._ioctl_ptr("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
 
+    def get_pit2(self) -> Any:
+        """KVM_GET_PIT2: the state of the in-kernel PIT's three channels."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl_ptr("KVM_GET_PIT2", lib.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: Any) -> None:
+        """KVM_SET_PIT2: restore a state from :meth:`get_pit2`."""
+        self._ioctl_ptr("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
+
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip high or low."""
         line = ffi.new("struct kvm_irq_level *")

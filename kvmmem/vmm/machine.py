@@ -276,16 +276,18 @@ class Machine:
     def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
         chips = [self.vm.get_irqchip(chip) for chip in
                  (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)]
-        return chips, self.vcpu.get_lapic(), self.vcpu.get_vcpu_events()
+        return chips, self.vm.get_pit2(), self.vcpu.get_lapic(), self.vcpu.get_vcpu_events()
 
     def _restore_cpu_and_irqchip(self, state: tuple) -> None:  # type: ignore[type-arg]
-        """Power-on state of the interrupt controllers and the vCPU's pending
-        events, and wake it if it was halted: a reset must not deliver
-        interrupts the old guest had pending to the new one."""
-        chips, lapic, events = state
+        """Power-on state of the interrupt controllers, the PIT and the vCPU's
+        pending events, and wake it if it was halted: a reset must not deliver
+        interrupts the old guest had pending (or a timer it programmed) to
+        the new one."""
+        chips, pit, lapic, events = state
         self.vcpu.complete_pending()
         for chip in chips:
             self.vm.set_irqchip(chip)
+        self.vm.set_pit2(pit)
         self.vcpu.set_lapic(lapic)
         self.vcpu.set_vcpu_events(events)
         self.vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
