@@ -32,17 +32,18 @@ ignored and counted in :attr:`stats`.
 
 from __future__ import annotations
 
-import enum
 import logging
-import os
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from kvmmem.memory import MemoryRegion
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
+from kvmmem.virtio.eventfds import IrqFd, NotifyFd
 from kvmmem.virtio.guest_memory import GuestMemory
+from kvmmem.virtio.mmio_regs import (CONFIG_OFFSET, INT_CONFIG_CHANGE, INT_USED_BUFFER,
+                                     MAGIC_VALUE, MMIO_SIZE, QUEUE_ADDRESS, READ_ONLY,
+                                     VENDOR_ID, VERSION, WRITE_ONLY, QueueState, Reg, Status)
 from kvmmem.virtio.queue import MAX_QUEUE_SIZE, QueueViolation, SplitQueue
 
 if TYPE_CHECKING:
@@ -53,106 +54,10 @@ __all__ = ["VirtioMmioTransport", "Reg", "Status", "QueueState", "MAGIC_VALUE", 
 
 log = logging.getLogger(__name__)
 
-MAGIC_VALUE = 0x74726976      # "virt", little-endian
-VERSION = 2                   # non-legacy virtio-mmio
-VENDOR_ID = 0x554D4551        # "QEMU", what Linux guests are used to seeing
-MMIO_SIZE = 0x200
-CONFIG_OFFSET = 0x100
-
-INT_USED_BUFFER = 1
-INT_CONFIG_CHANGE = 2
-
 _U32 = 0xFFFF_FFFF
-
-
-class Reg(enum.IntEnum):
-    """Control register offsets (all 32 bits wide)."""
-
-    MAGIC_VALUE = 0x000
-    VERSION = 0x004
-    DEVICE_ID = 0x008
-    VENDOR_ID = 0x00C
-    DEVICE_FEATURES = 0x010
-    DEVICE_FEATURES_SEL = 0x014
-    DRIVER_FEATURES = 0x020
-    DRIVER_FEATURES_SEL = 0x024
-    QUEUE_SEL = 0x030
-    QUEUE_NUM_MAX = 0x034
-    QUEUE_NUM = 0x038
-    QUEUE_READY = 0x044
-    QUEUE_NOTIFY = 0x050
-    INTERRUPT_STATUS = 0x060
-    INTERRUPT_ACK = 0x064
-    STATUS = 0x070
-    QUEUE_DESC_LOW = 0x080
-    QUEUE_DESC_HIGH = 0x084
-    QUEUE_DRIVER_LOW = 0x090
-    QUEUE_DRIVER_HIGH = 0x094
-    QUEUE_DEVICE_LOW = 0x0A0
-    QUEUE_DEVICE_HIGH = 0x0A4
-    SHM_SEL = 0x0AC
-    SHM_LEN_LOW = 0x0B0
-    SHM_LEN_HIGH = 0x0B4
-    SHM_BASE_LOW = 0x0B8
-    SHM_BASE_HIGH = 0x0BC
-    QUEUE_RESET = 0x0C0
-    CONFIG_GENERATION = 0x0FC
-
-
-class Status(enum.IntFlag):
-    """Device status bits (VIRTIO 1.2, section 2.1)."""
-
-    ACKNOWLEDGE = 1
-    DRIVER = 2
-    DRIVER_OK = 4
-    FEATURES_OK = 8
-    DEVICE_NEEDS_RESET = 0x40
-    FAILED = 0x80
-
-
 _FEATURES_OK = int(Status.FEATURES_OK)
 _DRIVER_OK = int(Status.DRIVER_OK)
 _NEEDS_RESET = int(Status.DEVICE_NEEDS_RESET)
-
-_WRITE_ONLY = frozenset({
-    Reg.DEVICE_FEATURES_SEL, Reg.DRIVER_FEATURES, Reg.DRIVER_FEATURES_SEL, Reg.QUEUE_SEL,
-    Reg.QUEUE_NUM, Reg.QUEUE_NOTIFY, Reg.INTERRUPT_ACK, Reg.QUEUE_DESC_LOW,
-    Reg.QUEUE_DESC_HIGH, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DRIVER_HIGH, Reg.QUEUE_DEVICE_LOW,
-    Reg.QUEUE_DEVICE_HIGH, Reg.SHM_SEL,
-})
-_READ_ONLY = frozenset({
-    Reg.MAGIC_VALUE, Reg.VERSION, Reg.DEVICE_ID, Reg.VENDOR_ID, Reg.DEVICE_FEATURES,
-    Reg.QUEUE_NUM_MAX, Reg.INTERRUPT_STATUS, Reg.SHM_LEN_LOW, Reg.SHM_LEN_HIGH,
-    Reg.SHM_BASE_LOW, Reg.SHM_BASE_HIGH, Reg.CONFIG_GENERATION,
-})
-_QUEUE_ADDRESS = {
-    Reg.QUEUE_DESC_LOW: ("desc", 0), Reg.QUEUE_DESC_HIGH: ("desc", 32),
-    Reg.QUEUE_DRIVER_LOW: ("driver", 0), Reg.QUEUE_DRIVER_HIGH: ("driver", 32),
-    Reg.QUEUE_DEVICE_LOW: ("device", 0), Reg.QUEUE_DEVICE_HIGH: ("device", 32),
-}
-
-
-@dataclass
-class QueueState:
-    """The driver-programmed registers of one virtqueue and, once it is
-    ready, the live :class:`SplitQueue` (``ring``)."""
-
-    max_size: int
-    num: int = field(init=False)         # QueueNum; the maximum until the driver writes it
-    desc: int = 0
-    driver: int = 0
-    device: int = 0
-    ring: SplitQueue | None = None
-
-    def __post_init__(self) -> None:
-        self.num = self.max_size
-
-    @property
-    def ready(self) -> bool:
-        return self.ring is not None
-
-    def reset(self) -> None:
-        self.num, self.desc, self.driver, self.device, self.ring = self.max_size, 0, 0, 0, None
 
 
 class VirtioMmioTransport:
@@ -202,17 +107,8 @@ class VirtioMmioTransport:
         self._driver_features = 0
         self._driver_features_invalid = False
         self._queue_sel = 0
-        self._notify_fd: int | None = None
-        self._irq_fd: int | None = None
-        if vm is not None:
-            assert gsi is not None
-            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            try:
-                vm.irqfd(fd, gsi)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._irq_fd = fd
+        self._notify_event: NotifyFd | None = None
+        self._irq = IrqFd(vm, gsi) if vm is not None and gsi is not None else None
         device.on_config_change = self._device_config_changed
 
     # -- state, for the VMM and tests ---------------------------------------------
@@ -246,12 +142,12 @@ class VirtioMmioTransport:
     @property
     def notify_fd(self) -> int | None:
         """The QueueNotify eventfd after :meth:`attach_ioeventfd`, else None."""
-        return self._notify_fd
+        return self._notify_event.fd if self._notify_event is not None else None
 
     @property
     def irq_fd(self) -> int | None:
         """The irqfd's eventfd when interrupts go through KVM, else None."""
-        return self._irq_fd
+        return self._irq.fd if self._irq is not None else None
 
     def linux_cmdline(self) -> str:
         """This device in Linux's ``virtio_mmio.device=<size>@<base>:<irq>`` syntax."""
@@ -274,7 +170,7 @@ class VirtioMmioTransport:
             except ValueError:
                 self.stats["unknown_register"] += 1
                 return 0
-            if reg in _WRITE_ONLY:
+            if reg in WRITE_ONLY:
                 self.stats["read_of_write_only"] += 1
                 return 0
             return self._read_register(reg) & _U32
@@ -293,7 +189,7 @@ class VirtioMmioTransport:
             except ValueError:
                 self.stats["unknown_register"] += 1
                 return
-            if reg in _READ_ONLY:
+            if reg in READ_ONLY:
                 self.stats["write_to_read_only"] += 1
                 return
             self._write_register(reg, int(value) & _U32)
@@ -344,7 +240,7 @@ class VirtioMmioTransport:
             self._write_queue_num(value)
         elif reg is Reg.QUEUE_READY:
             self._write_queue_ready(value)
-        elif reg in _QUEUE_ADDRESS:
+        elif reg in QUEUE_ADDRESS:
             self._write_queue_address(reg, value)
         else:                                # SHMSel, QueueReset: nothing to select or reset
             self.stats["ignored_write"] += 1
@@ -449,7 +345,7 @@ class VirtioMmioTransport:
         queue = self._setup_queue()
         if queue is None:
             return
-        name, shift = _QUEUE_ADDRESS[reg]
+        name, shift = QUEUE_ADDRESS[reg]
         old = getattr(queue, name)
         setattr(queue, name, (old & ~(_U32 << shift)) | (value << shift))
 
@@ -534,40 +430,25 @@ class VirtioMmioTransport:
         :meth:`poll_notifications` whenever that fd is readable.
         """
         with self._lock:
-            if self._notify_fd is not None:
-                return self._notify_fd
-            if self.vm is None or self.base is None:
-                raise ValueError(f"{self.name}: an ioeventfd needs the vm and the base address")
-            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            try:
-                self.vm.ioeventfd(fd, self.base + Reg.QUEUE_NOTIFY, 4)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._notify_fd = fd
-            return fd
+            if self._notify_event is None:
+                if self.vm is None or self.base is None:
+                    raise ValueError(f"{self.name}: an ioeventfd needs the vm and the base address")
+                self._notify_event = NotifyFd(self.vm, self.base + Reg.QUEUE_NOTIFY)
+            return self._notify_event.fd
 
     def detach_ioeventfd(self) -> None:
         """Undo :meth:`attach_ioeventfd` (QueueNotify writes exit again)."""
         with self._lock:
-            fd, self._notify_fd = self._notify_fd, None
-            if fd is None:
-                return
-            try:
-                if self.vm is not None and self.base is not None and not self.vm.closed:
-                    self.vm.ioeventfd(fd, self.base + Reg.QUEUE_NOTIFY, 4, deassign=True)
-            finally:
-                os.close(fd)
+            notify, self._notify_event = self._notify_event, None
+            if notify is not None:
+                notify.close()
 
     def poll_notifications(self) -> int:
         """Consume the ioeventfd's count and serve every ready queue if it was
         signalled; returns the number of notifications (0: none pending)."""
-        fd = self._notify_fd
-        if fd is None:
-            return 0
-        try:
-            count = os.eventfd_read(fd)
-        except BlockingIOError:
+        notify = self._notify_event
+        count = notify.consume() if notify is not None else 0
+        if not count:
             return 0
         with self._lock:
             for index, queue in enumerate(self._queues):
@@ -622,11 +503,8 @@ class VirtioMmioTransport:
     def _raise_interrupt(self, bits: int) -> None:
         self._interrupt_status |= bits
         self.stats["interrupts"] += 1
-        if self._irq_fd is not None:
-            try:
-                os.eventfd_write(self._irq_fd, 1)
-            except BlockingIOError:
-                pass            # counter saturated: KVM has a signal pending anyway
+        if self._irq is not None:
+            self._irq.signal()
         elif self._interrupt is not None:
             self._interrupt(bits)
 
@@ -636,14 +514,9 @@ class VirtioMmioTransport:
         """Unregister the eventfds from KVM and close them."""
         with self._lock:
             self.detach_ioeventfd()
-            fd, self._irq_fd = self._irq_fd, None
-            if fd is not None:
-                try:
-                    if self.vm is not None and not self.vm.closed:
-                        assert self.gsi is not None
-                        self.vm.irqfd(fd, self.gsi, deassign=True)
-                finally:
-                    os.close(fd)
+            irq, self._irq = self._irq, None
+            if irq is not None:
+                irq.close()
             if self.device.on_config_change == self._device_config_changed:
                 self.device.on_config_change = None
 
