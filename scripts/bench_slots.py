@@ -14,7 +14,9 @@ A configuration whose memslot metadata the host cannot afford (a 64 TiB
 estimate, instead of being run. The last part compares one memslot change
 through kvmmem (a device request, the memory layer, the Vm binding) with the
 bare ``KVM_SET_USER_MEMORY_REGION`` create+delete of the same slot, among 0
-and 1000 other memslots (scripts/bench_overhead.py).
+and 1000 other memslots (scripts/bench_overhead.py). With --qemu, QEMU's
+kernel memory with the same idle device is put beside it
+(scripts/bench_qemu.py).
 
 Results go to JSON (--json) and a Markdown table (stdout, --markdown);
 scripts/plot_slots.py draws the plot from the JSON.
@@ -27,9 +29,7 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +44,7 @@ from kvmmem.vmm import kmem
 from kvmmem.vmm.machine_memory import MachineMemory
 
 from bench_overhead import TARGET as OVERHEAD_TARGET, Overhead, format_overheads, measure_overhead
+from bench_qemu import measure_qemu
 
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -227,66 +228,6 @@ def device_case(backend: kmem.KmemBackend, mode: str, device_size: int,
         yield out
         machine.close()
         dev.memdev.close()
-
-
-# ----------------------------------------------------------------- QEMU (optional)
-
-QEMU = "qemu-system-x86_64"
-QEMU_SETTLE_S, QEMU_TIMEOUT_S = 1.0, 60.0
-
-
-def qemu_command(device_size: int | None) -> list[str]:
-    """An idle (``-S``) QEMU with 4 GiB of RAM and, if a size is given, one
-    virtio-mem device of that size with nothing plugged."""
-    maxmem = 4 * GIB + (device_size or 0) + 4 * GIB
-    cmd = [QEMU, "-enable-kvm", "-cpu", "qemu64,host-phys-bits=on", "-S", "-display", "none", "-nodefaults", "-monitor", "none",
-           "-m", f"4G,maxmem={maxmem // GIB}G,slots=4"]
-    if device_size:
-        cmd += ["-object", f"memory-backend-ram,id=mem0,size={device_size // GIB}G,reserve=off",
-                "-device", "virtio-mem-pci,id=vm0,memdev=mem0"]
-    return cmd
-
-
-def _qemu_kernel_bytes(cmd: list[str], backend: kmem.KmemBackend) -> int:
-    """Kernel charge of one QEMU process in its own cgroup, once it stops growing."""
-    cgroup = backend.create()
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=lambda: cgroup.add(os.getpid()))
-        try:
-            deadline, last, stable_since = time.monotonic() + QEMU_TIMEOUT_S, -1, time.monotonic()
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                    raise RuntimeError(f"QEMU exited with {proc.returncode}: {err[-300:]}")
-                now = cgroup.kernel_bytes()
-                if now != last:
-                    last, stable_since = now, time.monotonic()
-                elif time.monotonic() - stable_since >= QEMU_SETTLE_S:
-                    return now
-                time.sleep(0.1)
-            raise RuntimeError(f"QEMU's kernel memory did not settle within {QEMU_TIMEOUT_S:.0f} s")
-        finally:
-            proc.kill()
-            proc.wait()
-    finally:
-        cgroup.remove()
-
-
-def measure_qemu(device_size: int, backend: kmem.KmemBackend) -> dict[str, Any]:
-    """QEMU's kernel memory with and without the device (item 3 of issue 7)."""
-    if shutil.which(QEMU) is None:
-        return {"version": None, "command": QEMU, "error": f"{QEMU} is not installed"}
-    version = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    version = version.split("version")[-1].strip().split()[0] if "version" in version else version
-    cmd = qemu_command(device_size)
-    out: dict[str, Any] = {"version": version, "command": " ".join(cmd)}
-    try:
-        out["baseline_bytes"] = _qemu_kernel_bytes(qemu_command(None), backend)
-        out["kernel_bytes"] = _qemu_kernel_bytes(cmd, backend)
-    except (RuntimeError, OSError, kmem.KmemError) as exc:
-        out["error"] = str(exc)
-    return out
 
 
 # ----------------------------------------------------------------- reporting
