@@ -7,8 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmmem.devices.memory_device import (
-    MAX_MEMSLOTS_PER_DEVICE, MIN_MEMSLOT_SIZE, DeviceMemory, MachineMemoryMap, MemoryDeviceError,
-    MemoryRange, MemslotBudget, MemslotBudgetError, PluggedDevice, Reservation, memslots_for_device)
+    DeviceMemory, MachineMemoryMap, MemoryDeviceError, MemoryRange, MemslotBudgetError,
+    PluggedDevice)
+from kvmmem.devices.memslot_budget import (
+    MAX_MEMSLOTS_PER_DEVICE, MIN_MEMSLOT_SIZE, MemslotBudget, Reservation, memslots_for_device)
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmmem.devices.memory_device import (
-    DeviceMemory, MachineMemoryMap, MemoryDeviceError, MemslotBudget, MemslotSplit,
-    memslots_for_device)
+from kvmmem.devices.memory_device import DeviceMemory, MachineMemoryMap, MemoryDeviceError
+from kvmmem.devices.memslot_budget import MemslotBudget, MemslotSplit, memslots_for_device
 from kvmmem.devices.memslot_plan import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
