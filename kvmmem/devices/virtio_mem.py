@@ -166,12 +166,7 @@ class VirtioMem:
             return Response.error()
         rtype = req.type
         if rtype is RequestType.UNPLUG_ALL:
-            try:
-                self._unplug_all()
-            except _HOST_FAILURES as exc:
-                log.warning("%s: UNPLUG_ALL failed on the host side, answering BUSY: %s", self.id, exc)
-                return Response.busy()
-            return Response.ack()
+            return self._step(self._unplug_all)
         block_size = self.props.block_size
         try:
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
@@ -188,11 +183,13 @@ class VirtioMem:
             return Response.nack()
         if bits.any_in_state(first, n, plugged=plug):
             return Response.error()
+        return self._step(self._plug if plug else self._unplug, first, n)
+
+    def _step(self, step: Callable[..., None], *args: int) -> Response:
+        """Do a validated request: ACK, or BUSY if the host side failed (then
+        nothing changed)."""
         try:
-            if plug:
-                self._plug(first, n)
-            else:
-                self._unplug(first, n)
+            step(*args)
         except _HOST_FAILURES as exc:
             log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
             return Response.busy()

@@ -11,6 +11,7 @@ In ``single`` mode the RAM region itself is mapped, as before the seed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence, Set
+from contextlib import nullcontext
 
 from kvmmem.devices.memslot_plan import MemslotMode, PlugBitmap, memslot_count, plan_changes
 from kvmmem.memory.address_space import memory_transaction
@@ -87,18 +88,14 @@ class VirtioMemBacking:
         for index in guarded:
             self._guard_unplugged(index, bitmap, True)
         top, aliases, size = self.top, self._aliases, self.memslot_size
+        # One mutation is its own transaction; several share one.
+        batch = memory_transaction() if len(unmap) + len(map) > 1 else nullcontext()
         try:
-            if len(unmap) + len(map) == 1:      # one mutation is its own transaction
-                if unmap:
-                    top.del_subregion(aliases[unmap[0]])
-                else:
-                    top.add_subregion(map[0] * size, aliases.get(map[0]) or self.alias(map[0]))
-            else:
-                with memory_transaction():
-                    for index in unmap:
-                        top.del_subregion(aliases[index])
-                    for index in map:
-                        top.add_subregion(index * size, aliases.get(index) or self.alias(index))
+            with batch:
+                for index in unmap:
+                    top.del_subregion(aliases[index])
+                for index in map:
+                    top.add_subregion(index * size, aliases.get(index) or self.alias(index))
         except BaseException:
             for index in guarded:
                 self._guard_unplugged(index, bitmap, False)

@@ -364,6 +364,5 @@ def splice(view: FlatView, windows: Sequence[tuple[int, int, list[FlatRange]]]
         chunks = chunks[:a] + tuple(pieces) + chunks[b:]
         keys = keys[:a] + firsts + keys[b:]
     spliced = FlatView.__new__(FlatView)
-    spliced.root, spliced._chunks, spliced._keys = view.root, chunks, keys
-    spliced._len, spliced._flat = length, None
+    spliced._init(view.root, chunks, keys, length, None)
     return spliced, removed, added
