@@ -54,6 +54,7 @@ Span = tuple[int, int]
 
 RADIX_BITS = 3                  # chunk sizes are powers of 2**3 bytes
 MAX_CHUNK_BYTES = 1 << 42       # 4 TiB: KVM refuses memslots of 2**31 pages (8 TiB) or more
+MAX_CHUNK_CELLS = 8             # and at most 8 cells of the dynamic grid
 
 
 class PlugState(Protocol):
@@ -149,14 +150,15 @@ class ExactCover:
     """The current exact cover of one device and the plans that change it."""
 
     def __init__(self, nb_blocks: int, block_size: int, cell_blocks: int, limit: int,
-                 radix_bits: int = RADIX_BITS) -> None:
+                 radix_bits: int = RADIX_BITS, max_cells: int = MAX_CHUNK_CELLS) -> None:
         if cell_blocks <= 0 or cell_blocks & (cell_blocks - 1):
             raise ValueError(f"cell_blocks {cell_blocks} is not a power of two")
         if limit < -(-nb_blocks // cell_blocks):
             raise ValueError(f"a limit of {limit} memslots is below one per cell "
                              f"({-(-nb_blocks // cell_blocks)} cells)")
         self.nb_blocks, self.cell_blocks, self.limit = nb_blocks, cell_blocks, limit
-        self.levels = chunk_levels(nb_blocks, block_size, radix_bits)
+        self.levels = chunk_levels(nb_blocks, block_size, radix_bits,
+                                   min(MAX_CHUNK_BYTES, max_cells * cell_blocks * block_size))
         self._chunks: dict[int, int] = {}          # first block -> blocks
         self._coarse: dict[int, int] = {}          # coarse cell -> chunks its runs would need
         self._small: dict[int, int] = {}           # cell -> its chunks shorter than a cell

@@ -26,6 +26,7 @@ from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.serial import Serial16550
+from kvmmem.vmm.vcpu_gate import VcpuGate
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Machine:
         self._running.set()
         self._parked = threading.Event()       # set while run() waits in pause
         self._run_thread: int | None = None
+        self.gate = VcpuGate(lambda: self.vcpu.kick())
+        """Other threads stop the vCPU through it to replace memslots under plugged memory."""
         _install_kick_handler()
         for index, props in enumerate(config.memory_devices):
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
@@ -108,6 +111,7 @@ class Machine:
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
+        dev.quiesce = self.gate.quiesced
         self.memory.plug(dev)
         transport = VirtioMmioTransport(dev, self.guest_memory, self.vm, gsi, base=base,
                                         name=f"virtio-mmio-{props.id}")
@@ -181,7 +185,11 @@ class Machine:
                     with self.lock:
                         self._reset_pending = False
                         self.reset()
-                ex = self.vcpu.run()
+                self.gate.enter_guest()
+                try:
+                    ex = self.vcpu.run()
+                finally:
+                    self.gate.leave_guest()
                 with self.lock:
                     self._handle(ex)
             return self._stop_status

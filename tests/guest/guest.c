@@ -16,6 +16,11 @@
  *                           block) and of the block after the plugged ones
  *   kvmmem.reset=1          reset the machine (0xfe to port 0x64) each time
  *                           requested_size is reached
+ *   kvmmem.hammer=1         once requested_size is first reached, write and
+ *                           read back one word of every plugged block (and
+ *                           one in its middle) forever, a new value each
+ *                           round, printing a line every 64 rounds; the host
+ *                           changes memslots meanwhile and ends the VM
  *   kvmmem.malformed=short|type|desc|loop
  *                           send one malformed request (16-byte request,
  *                           type 7, descriptor outside RAM, looping chain),
@@ -29,6 +34,8 @@
  *   plugged=<bytes> requested=<bytes> ok       (one per step)
  *   read 0x<addr> = 0x<value>                  (read_unplugged)
  *   malformed <how>: <answer> status=0x<status>
+ *   hammer round=<n>                           (hammer, every 64 rounds)
+ *   hammer mismatch at 0x<addr>: 0x<value> round=<n>
  *   waiting for a config change
  *   pattern mismatch at 0x<addr>: 0x<value> / busy / error ... / no virtio-mmio device
  * Exit: byte to port 0xf4 (isa-debug-exit): 0 success, 1 failure.
@@ -475,6 +482,31 @@ static void step_done(int read_unplugged)
 }
 
 static int reset_when_done;	/* kvmmem.reset=1 */
+static int hammer;		/* kvmmem.hammer=1 */
+
+/* Keep writing and checking plugged memory while the host replaces the
+ * memslots under it: a word it loses or reads back wrong ends the VM with 1. */
+static __attribute__((noreturn)) void hammer_plugged(const struct mem_config *c)
+{
+	u64 half = c->block_size / 2;
+	for (u64 round = 1;; round++) {
+		for (u64 a = c->addr; a < c->addr + plugged; a += c->block_size) {
+			wr64(a, PATTERN(a) ^ round);
+			wr64(a + half, PATTERN(a + half) ^ round);
+		}
+		for (u64 a = c->addr; a < c->addr + plugged; a += half) {
+			u64 v = rd64(a);
+			if (v != (PATTERN(a) ^ round)) {
+				puts("hammer mismatch at "); puthex(a); puts(": "); puthex(v);
+				puts(" round="); putdec(round); putc('\n');
+				finish(1);
+			}
+		}
+		if (round % 64 == 0) {
+			puts("hammer round="); putdec(round); putc('\n');
+		}
+	}
+}
 
 static __attribute__((noreturn)) void follow_requested_size(struct mem_config c, int read_unplugged)
 {
@@ -490,6 +522,8 @@ static __attribute__((noreturn)) void follow_requested_size(struct mem_config c,
 		if (unplug_all) {
 			type = UNPLUG_ALL;
 		} else if (plugged == c.requested) {
+			if (hammer)
+				hammer_plugged(&c);
 			if (reset_when_done) {
 				puts("resetting\n");
 				outb(0x64, 0xfe);	/* the keyboard controller's reset line */
@@ -580,5 +614,6 @@ void __attribute__((noreturn)) guest_main(const u8 *zero_page)
 	if (how)
 		send_malformed(how, c.addr);
 	reset_when_done = arg_num(cmdline, "kvmmem.reset=", 0) != 0;
+	hammer = arg_num(cmdline, "kvmmem.hammer=", 0) != 0;
 	follow_requested_size(c, arg_num(cmdline, "kvmmem.read_unplugged=", 0) != 0);
 }
