@@ -50,6 +50,7 @@ class Trace:
     devices_boundaries: int     # distinct (caller module, callee module) pairs inside devices
     vmm_calls: int              # calls into kvmmem.vmm
     module_list: list[str]
+    devices_pairs: list[str]
 
 
 def _module(frame: FrameType) -> str | None:
@@ -94,7 +95,8 @@ def trace(label: str, fn: Callable[[], Any]) -> Trace:
     finally:
         sys.setprofile(None)
     return Trace(label, len(functions), calls, len(modules), hops, dev_hops, len(dev_pairs),
-                 vmm_calls, sorted(modules))
+                 vmm_calls, sorted(modules),
+                 sorted(f"{a.rsplit('.', 1)[1]}->{b.rsplit('.', 1)[1]}" for a, b in dev_pairs))
 
 
 def _ack(dev: VirtioMem, request: bytes) -> None:
@@ -127,8 +129,10 @@ def run() -> list[Trace]:
             ]
             out = []
             for label, req, want in cases:
-                raw = req.pack()
-                out.append(trace(label, lambda raw=raw: _ack(dev, raw)))
+                raw, answer = req.pack(), []
+                out.append(trace(label, lambda raw=raw: answer.append(dev.handle(0, raw, 10))))
+                if answer != [Response.ack().pack()]:
+                    raise RuntimeError(f"{label}: answered {answer}")
                 if vm.used_memslots != want:
                     raise RuntimeError(f"{label}: {vm.used_memslots} memslots, expected {want}")
             return out
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modules:
         for t in traces:
             print(f"{t.request}: {', '.join(t.module_list)}")
+            print(f"  module pairs inside devices/: {', '.join(t.devices_pairs)}")
     return 0
 
 

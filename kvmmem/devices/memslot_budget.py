@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 from kvmmem.devices.memory_device import (GiB, MemoryDeviceError, MemslotBudgetError,
                                           _check_int)
@@ -32,9 +33,9 @@ MIN_MEMSLOT_SIZE = GiB
 MAX_MEMSLOTS_PER_DEVICE = 1024
 
 
-@dataclass(frozen=True)
-class Reservation:
-    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``)."""
+class Reservation(NamedTuple):
+    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``).
+    A named tuple: the memory listener replaces one on every memslot change."""
 
     reserved: int
     used: int = 0
@@ -131,10 +132,10 @@ class MemslotBudget:
             self._reservations[device_id] = Reservation(reservation.reserved, used)
 
     def count(self, device_id: str, delta: int) -> None:
-        """One memslot of a device appeared (+1) or went away (-1); the
-        memory listener's path, so no checks beyond the reservation's."""
+        """One memslot of a device appeared (+1) or went away (-1): the
+        memory listener's path, on every memslot change."""
         reservation = self._reservations.get(device_id) or self._get(device_id)
-        self._reservations[device_id] = Reservation(reservation.reserved, reservation.used + delta)
+        self._reservations[device_id] = reservation._replace(used=reservation.used + delta)
 
     def release(self, device_id: str) -> Reservation:
         """Drop a device's reservation (the device is unplugged)."""

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from kvmmem.devices.plug_bitmap import PlugBitmap
 
@@ -51,9 +52,9 @@ class MemslotSpan:
         return self.offset + self.size
 
 
-@dataclass(frozen=True)
-class MemslotChange:
-    """Spans to unmap, then spans to map; both sorted by offset."""
+class MemslotChange(NamedTuple):
+    """Spans to unmap, then spans to map; both sorted by offset. False when
+    empty. (A named tuple: one is built on every request that maps or unmaps.)"""
 
     unmap: tuple[MemslotSpan, ...] = ()
     map: tuple[MemslotSpan, ...] = ()
@@ -85,26 +86,30 @@ class MemslotPolicy(ABC):
         self.memslot_size = memslot_size
         self.block_size = block_size
         self._bitmap = bitmap
-        self._mapped: set[MemslotSpan] = set()
+        # Mapped spans by offset (they never overlap): int keys keep the
+        # request path free of dataclass __hash__/__eq__ calls.
+        self._mapped: dict[int, MemslotSpan] = {}
+        self._grid: dict[int, MemslotSpan] = {}
 
     # -- what is mapped -------------------------------------------------------
 
     @property
     def mapped(self) -> frozenset[MemslotSpan]:
-        return frozenset(self._mapped)
+        return frozenset(self._mapped.values())
 
     @property
     def nb_mapped(self) -> int:
         return len(self._mapped)
 
     def is_mapped(self, span: MemslotSpan) -> bool:
-        return span in self._mapped
+        mapped = self._mapped.get(span.offset)
+        return mapped is not None and mapped.size == span.size
 
     def memslot_at(self, offset: int) -> tuple[MemslotSpan, bool]:
         """The memslot holding byte ``offset`` of the region, and whether it
         is mapped (a policy without a grid answers the unmapped gap)."""
         span = self.grid_span(offset // self.memslot_size)
-        return span, span in self._mapped
+        return span, self.is_mapped(span)
 
     def alias_name(self, span: MemslotSpan) -> str:
         """The memory-region name of a span's alias (QEMU's for grid memslots)."""
@@ -117,14 +122,20 @@ class MemslotPolicy(ABC):
         return -(-self.region_size // self.memslot_size)
 
     def grid_span(self, index: int) -> MemslotSpan:
-        offset = index * self.memslot_size
-        return MemslotSpan(offset, min(self.memslot_size, self.region_size - offset))
+        """Grid memslot ``index`` (one object per index, made when first asked)."""
+        span = self._grid.get(index)
+        if span is None:
+            offset = index * self.memslot_size
+            span = self._grid[index] = MemslotSpan(offset, min(self.memslot_size,
+                                                               self.region_size - offset))
+        return span
 
-    def grid_spans(self, first: int, n: int) -> Iterator[MemslotSpan]:
+    def grid_spans(self, first: int, n: int) -> list[MemslotSpan]:
         """The grid spans that blocks ``[first, first + n)`` lie in."""
         per_slot = self.memslot_size // self.block_size
-        for index in range(first // per_slot, (first + n - 1) // per_slot + 1):
-            yield self.grid_span(index)
+        grid = self._grid
+        return [grid.get(i) or self.grid_span(i)
+                for i in range(first // per_slot, (first + n - 1) // per_slot + 1)]
 
     def spans(self) -> Iterator[MemslotSpan]:
         """Every memslot the device can have, mapped or not (for listings)."""
@@ -148,7 +159,7 @@ class MemslotPolicy(ABC):
 
     def unmap_all(self) -> MemslotChange:
         """Everything goes (the device is unrealized)."""
-        return MemslotChange(tuple(sorted(self._mapped)), ())
+        return MemslotChange(tuple(sorted(self._mapped.values())), ())
 
     def deletes_plugged(self, change: MemslotChange) -> bool:
         """Whether ``change`` deletes a memslot covering plugged blocks, so
@@ -159,13 +170,18 @@ class MemslotPolicy(ABC):
 
     def commit(self, change: MemslotChange) -> None:
         """``change`` has been applied."""
-        self._mapped.difference_update(change.unmap)
-        self._mapped.update(change.map)
+        mapped = self._mapped
+        for span in change.unmap:
+            del mapped[span.offset]
+        for span in change.map:
+            mapped[span.offset] = span
 
     def _towards(self, wanted: Iterable[MemslotSpan]) -> MemslotChange:
-        wanted = set(wanted)
-        return MemslotChange(tuple(sorted(self._mapped - wanted)),
-                             tuple(sorted(wanted - self._mapped)))
+        want = {s.offset: s for s in wanted}
+        mapped = self._mapped
+        return MemslotChange(
+            tuple(sorted(s for o, s in mapped.items() if want.get(o) != s)),
+            tuple(sorted(s for o, s in want.items() if mapped.get(o) != s)))
 
 
 class SinglePolicy(MemslotPolicy):
@@ -177,7 +193,7 @@ class SinglePolicy(MemslotPolicy):
     def __init__(self, region_size: int, memslot_size: int, block_size: int,
                  bitmap: PlugBitmap) -> None:
         super().__init__(region_size, region_size, block_size, bitmap)
-        self._mapped.add(MemslotSpan(0, region_size))
+        self._mapped[0] = self.grid_span(0)
 
     def resync(self, usable_region_size: int) -> MemslotChange:
         return NO_CHANGE
@@ -203,16 +219,25 @@ class DynamicPolicy(MemslotPolicy):
 
     def plug(self, first: int, n: int) -> MemslotChange:
         # virtio_mem_activate_memslots_to_plug: the range's memslots not yet mapped
-        mapped = self._mapped
-        new = tuple(s for s in self.grid_spans(first, n) if s not in mapped)
-        return MemslotChange((), new) if new else NO_CHANGE
+        mapped, size, grid = self._mapped, self.memslot_size, self._grid
+        per_slot = size // self.block_size
+        new: list[MemslotSpan] = []
+        for index in range(first // per_slot, (first + n - 1) // per_slot + 1):
+            if index * size not in mapped:
+                new.append(grid.get(index) or self.grid_span(index))
+        return MemslotChange((), tuple(new)) if new else NO_CHANGE
 
     def unplug(self, first: int, n: int) -> MemslotChange:
-        # virtio_mem_deactivate_unplugged_memslots: the range's memslots now empty
-        bs, bits, mapped = self.block_size, self._bitmap, self._mapped
-        empty = tuple(s for s in self.grid_spans(first, n) if s in mapped
-                      and bits.find(True, s.offset // bs, -(-s.end // bs)) == -1)
-        return MemslotChange(empty, ()) if empty else NO_CHANGE
+        # virtio_mem_deactivate_unplugged_memslots: the range's mapped memslots now empty
+        mapped, size, bits = self._mapped, self.memslot_size, self._bitmap
+        per_slot = size // self.block_size
+        empty: list[MemslotSpan] = []
+        for index in range(first // per_slot, (first + n - 1) // per_slot + 1):
+            span = mapped.get(index * size)
+            if span is not None and bits.find(True, index * per_slot,
+                                              min(bits.nb_blocks, (index + 1) * per_slot)) == -1:
+                empty.append(span)
+        return MemslotChange(tuple(empty), ()) if empty else NO_CHANGE
 
     def resync(self, usable_region_size: int) -> MemslotChange:
         wanted: set[MemslotSpan] = set()

@@ -236,7 +236,7 @@ class VirtioMem:
             protection.before_plug(first, n)
         try:
             if self.props.prealloc:
-                self._backing().populate(first * bs, n * bs)
+                self.memdev.populate(first * bs, n * bs)
             bits.set(first, n, True)
             try:
                 self._apply(policy.plug(first, n))
@@ -276,15 +276,16 @@ class VirtioMem:
         for first, n in runs:
             self._release(first, n)
         self._set_plugged(bits)
-        if self.usable_region_size != old_usable:
+        if self.usable_region_size != old_usable and self.config_change_notifiers:
             self.config_change_notifiers.notify(None)
 
     def _apply(self, change: MemslotChange) -> None:
         """Unmap and map what the policy answered (``virtio_mem_activate_memslot``
         and its reverse), guarding the unplugged blocks of mapped memslots."""
-        if not change:
+        if not (change.unmap or change.map):
             return
-        backing, protection = self._backing(), self.protection
+        backing, policy, protection = self.backing, self.policy, self.protection
+        assert backing is not None and policy is not None   # realized
         if protection is not None:
             protection.before_map(change.map)
         try:
@@ -293,7 +294,7 @@ class VirtioMem:
             if protection is not None:
                 protection.after_unmap(change.map)
             raise
-        self._policy().commit(change)
+        policy.commit(change)
         if protection is not None:
             protection.after_unmap(change.unmap)
 
@@ -302,7 +303,7 @@ class VirtioMem:
         bs = self.props.block_size
         if self.protection is not None:
             self.protection.after_unplug(first, n)
-        self._backing().discard(first * bs, n * bs)
+        self.memdev.discard(first * bs, n * bs)
 
     # -- control (QMP-like) -----------------------------------------------
 
@@ -321,7 +322,8 @@ class VirtioMem:
                 self.props.requested_size, self.usable_region_size = old_requested, old_usable
                 raise VirtioMemPropertyError(f"{self.id}: cannot map memslots for "
                                              f"requested-size {size:#x}: {exc}") from exc
-        self.config_change_notifiers.notify(None)
+        if self.config_change_notifiers:
+            self.config_change_notifiers.notify(None)
 
     def properties(self) -> dict[str, Any]:
         """Every property under its QEMU name, plus the live sizes."""
@@ -343,7 +345,8 @@ class VirtioMem:
         size = bits.plugged_count * self.props.block_size
         if size != self.plugged_size:
             self.plugged_size = size
-            self.size_change_notifiers.notify(size)
+            if self.size_change_notifiers:
+                self.size_change_notifiers.notify(size)
 
     def _violation(self, why: str) -> None:
         log.warning("%s: protocol violation, device needs reset: %s", self.id, why)

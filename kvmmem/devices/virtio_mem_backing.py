@@ -1,4 +1,4 @@
-"""The memory side of a virtio-mem device: its memslot aliases and its host pages.
+"""The memory side of a virtio-mem device: its RAM region and memslot aliases.
 
 The policy decides *which* spans are memslots; this module maps and unmaps
 them through the memory layer, never through KVM: a span is an unmergeable
@@ -22,7 +22,7 @@ CONTAINER_NAME = "virtio-mem-memslots"
 
 
 class VirtioMemBacking:
-    """Maps spans of a device's RAM as aliases and gives blocks' pages back."""
+    """Maps spans of a device's RAM region as unmergeable aliases."""
 
     def __init__(self, host: HostMemory, aliases: bool,
                  alias_name: Callable[[MemslotSpan], str]) -> None:
@@ -30,15 +30,17 @@ class VirtioMemBacking:
         self.ram = MemoryRegion.ram(host.name, host)
         self.top = MemoryRegion.container(CONTAINER_NAME, host.size) if aliases else self.ram
         self._alias_name = alias_name
-        self._aliases: dict[MemslotSpan, MemoryRegion] = {}
+        # By (offset, size): tuple keys hash in C, on every request.
+        self._aliases: dict[tuple[int, int], MemoryRegion] = {}
 
     def alias(self, span: MemslotSpan) -> MemoryRegion:
         """The (possibly not yet mapped) alias of ``span``."""
-        alias = self._aliases.get(span)
+        key = (span.offset, span.size)
+        alias = self._aliases.get(key)
         if alias is None:
             alias = MemoryRegion.alias(self._alias_name(span), self.ram, span.offset, span.size,
                                        unmergeable=True)
-            self._aliases[span] = alias
+            self._aliases[key] = alias
         return alias
 
     def remap(self, unmap: Sequence[MemslotSpan], map: Sequence[MemslotSpan]) -> None:
@@ -51,14 +53,7 @@ class VirtioMemBacking:
         # One mutation is its own transaction; several share one.
         with memory_transaction() if len(unmap) + len(map) > 1 else nullcontext():
             for span in unmap:
-                top.del_subregion(aliases[span])
+                top.del_subregion(aliases[span.offset, span.size])
             for span in map:
-                top.add_subregion(span.offset, aliases.get(span) or self.alias(span))
-
-    def populate(self, offset: int, size: int) -> None:
-        """Preallocate pages of blocks about to be plugged (``prealloc=on``)."""
-        self.host.populate(offset, size)
-
-    def discard(self, offset: int, size: int) -> None:
-        """Give pages of unplugged blocks back to the host (they read as zeros)."""
-        self.host.discard(offset, size)
+                top.add_subregion(span.offset,
+                                  aliases.get((span.offset, span.size)) or self.alias(span))
