@@ -7,6 +7,10 @@
 - ``memslots_for_device``: the seed's heuristic, the memslot size and count
   of one device from its share of the device-memory area.
 
+- ``MemoryDeviceListener``: counts each memory device's memslots by
+  listening to the memory layer, as QEMU's ``memory_devices_region_mod``
+  does, so that devices report nothing.
+
 No KVM calls: consumers are callables returning their free slots.
 """
 
@@ -15,19 +19,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 from kvmmem.devices.memory_device import (GiB, MemoryDeviceError, MemslotBudgetError,
                                           _check_int)
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
+from kvmmem.memory.address_space import MemoryListener
+from kvmmem.memory.flatview import FlatRange
+from kvmmem.memory.region import MemoryRegion
 
 # The seed's per-device memslot rules.
 MIN_MEMSLOT_SIZE = GiB
 MAX_MEMSLOTS_PER_DEVICE = 1024
 
 
-@dataclass(frozen=True)
-class Reservation:
-    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``)."""
+class Reservation(NamedTuple):
+    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``).
+    A named tuple: the memory listener replaces one on every memslot change."""
 
     reserved: int
     used: int = 0
@@ -123,6 +131,12 @@ class MemslotBudget:
         if used != reservation.used:
             self._reservations[device_id] = Reservation(reservation.reserved, used)
 
+    def count(self, device_id: str, delta: int) -> None:
+        """One memslot of a device appeared (+1) or went away (-1): the
+        memory listener's path, on every memslot change."""
+        reservation = self._reservations.get(device_id) or self._get(device_id)
+        self._reservations[device_id] = reservation._replace(used=reservation.used + delta)
+
     def release(self, device_id: str) -> Reservation:
         """Drop a device's reservation (the device is unplugged)."""
         reservation = self._get(device_id)
@@ -141,6 +155,38 @@ class MemslotBudget:
         if not isinstance(free, int) or isinstance(free, bool) or free < 0:
             raise MemslotBudgetError(f"memslot consumer '{name}' reported {free!r} free memslots")
         return free
+
+
+class MemoryDeviceListener(MemoryListener):
+    """Counts the memslots of each memory device in an address space
+    (QEMU's ``memory_devices_region_mod``, a listener of ``address_space_memory``).
+
+    Every RAM flat range is one memslot; a range whose RAM region belongs to
+    a tracked device counts for that device's reservation in ``budget``.
+    Attach it after the KVM listener: when KVM refuses a memslot, the commit
+    is rolled back before this listener sees the range.
+    """
+
+    def __init__(self, budget: MemslotBudget) -> None:
+        self.budget = budget
+        self._owners: dict[MemoryRegion, str] = {}
+
+    def track(self, device_id: str, ram: MemoryRegion) -> None:
+        """Count the flat ranges of ``ram`` as ``device_id``'s memslots."""
+        self._owners[ram] = device_id
+
+    def untrack(self, ram: MemoryRegion) -> None:
+        self._owners.pop(ram, None)
+
+    def region_add(self, fr: FlatRange) -> None:
+        device_id = self._owners.get(fr.region)
+        if device_id is not None:
+            self.budget.count(device_id, 1)
+
+    def region_del(self, fr: FlatRange) -> None:
+        device_id = self._owners.get(fr.region)
+        if device_id is not None:
+            self.budget.count(device_id, -1)
 
 
 @dataclass(frozen=True)
