@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from kvmmem.devices.exact_cover import (
     CoverPlan, ExactCover, chunk_levels, decompose, reference_cover)
-from kvmmem.devices.memslot_plan import PlugBitmap
+from kvmmem.devices.plug_bitmap import PlugBitmap
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 BLOCK = 2 * MiB
@@ -22,7 +22,7 @@ class Device:
                  radix_bits: int = 3) -> None:
         self.nb = size // BLOCK
         self.cell_blocks = cell // BLOCK
-        self.bits = PlugBitmap(self.nb, self.cell_blocks)
+        self.bits = PlugBitmap(self.nb)
         cells = -(-self.nb // self.cell_blocks)
         self.cover = ExactCover(self.nb, BLOCK, self.cell_blocks, limit or cells, radix_bits)
         self.spans = set(self.cover.spans())
@@ -30,12 +30,12 @@ class Device:
 
     def plug(self, first: int, n: int) -> CoverPlan:
         before = self._plugged()
-        self.bits.plug(first, n)
+        self.bits.set(first, n, True)
         return self._apply(self.cover.plan_plug(self.bits, first, n), before)
 
     def unplug(self, first: int, n: int) -> CoverPlan:
         before = self._plugged()
-        self.bits.unplug(first, n)
+        self.bits.set(first, n, False)
         return self._apply(self.cover.plan_unplug(self.bits, first, n), before)
 
     def clear(self) -> CoverPlan:
@@ -95,6 +95,7 @@ def test_levels_are_the_block_and_powers_of_eight_bytes() -> None:
     assert chunk_levels(GiB // (4 * MiB), 4 * MiB) == (0, 2, 5, 8)          # 4M, 16M, 128M, 1G
     assert chunk_levels(TiB // BLOCK, BLOCK, radix_bits=1) == tuple(range(20))
     assert chunk_levels(64 * TiB // BLOCK, BLOCK)[-1] == 21                  # 4 TiB at most
+    assert ExactCover(TiB // BLOCK, BLOCK, GiB // BLOCK, 1024).levels[-1] == 12   # 8 cells: 8 GiB
     with pytest.raises(ValueError, match="not a power of two"):
         chunk_levels(10, 3 * MiB)
 
@@ -114,7 +115,8 @@ def test_linux_steps_to_64_gib_leave_one_memslot() -> None:
         worst = max(worst, dev.cover.count)
         if k % 37 == 0 or k == 511:
             dev.check()
-    assert dev.spans == {(0, 64 * GiB // BLOCK)}
+    eight_gib = 8 * GiB // BLOCK                 # chunks stop at 8 cells of 1 GiB
+    assert dev.spans == {(i * eight_gib, eight_gib) for i in range(8)}
     assert worst <= 3 * 7
     # every 128 MiB request deletes and creates a bounded number of memslots
     assert max(len(p.delete) + len(p.create) for p in dev.plans) <= 3 * 7 + 1
@@ -159,7 +161,7 @@ def test_middle_block_of_64_gib() -> None:
     dev = Device(TiB)
     n = 64 * GiB // BLOCK
     dev.plug(0, n)
-    assert dev.spans == {(0, n)}
+    assert dev.spans == {(i * n // 8, n // 8) for i in range(8)}
     dev.unplug(n // 2, 1)
     dev.check()
     # left: 4 x 8 GiB; right: 7 x 2 MiB, 7 x 16 MiB, 7 x 128 MiB, 7 x 1 GiB, 3 x 8 GiB
@@ -204,7 +206,7 @@ def test_a_coarse_cell_that_empties_is_dropped() -> None:
 
 def test_stale_plans_are_refused() -> None:
     dev = Device(GiB)
-    dev.bits.plug(0, 1)
+    dev.bits.set(0, 1, True)
     plan = dev.cover.plan_plug(dev.bits, 0, 1)
     dev.cover.commit(plan)
     with pytest.raises(ValueError, match="stale"):

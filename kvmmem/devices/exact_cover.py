@@ -12,6 +12,11 @@ exact cover of the plugged blocks is the set of *maximal* fully plugged
 chunks: unique for a plug state whatever the history that led to it, so a
 run of N blocks is at most 7 chunks per size on each side (O(log N)), and
 eight complete neighbours of one size merge into one chunk of the next.
+Chunks grow to at most ``MAX_CHUNK_CELLS`` cells of the dynamic grid
+(8 GiB for 1 GiB memslots): a fully plugged device then needs an eighth of
+the memslots ``dynamic`` reserves for it, and a 64 GiB chunk, which costs
+as much to create as the 64 GiB of 128 MiB steps it would merge, is not
+made again and again.
 
 Why powers of 8 and not of 2 (the buddy scheme): merging re-creates memslots
 over plugged memory, and KVM's cost of creating a memslot grows with its
@@ -20,8 +25,8 @@ guest that plugs 64 GiB in 128 MiB steps has every byte re-created at 10
 sizes (128 MiB ... 64 GiB); with powers of 8 at 4 (128 MiB, 1 GiB, 8 GiB,
 64 GiB), and the sizes fall on Linux's 128 MiB memory blocks, on the 1 GiB
 memslots of ``dynamic`` and on the 2 MiB transparent huge page. 64 GiB so
-plugged is one memslot; 1 GiB plugged as one block per GiB is 512 memslots
-of one block, the floor of that pattern.
+plugged is 8 memslots of 8 GiB; 1 GiB plugged as one block per GiB is 512
+memslots of one block, the floor of that pattern.
 
 **Budget fallback.** A device may hold at most ``limit`` memslots (the
 reservation ``dynamic`` gets: one per cell of its memslot grid, the cells
@@ -175,6 +180,24 @@ class ExactCover:
     def coarse_cells(self) -> frozenset[int]:
         return frozenset(self._coarse)
 
+    def span_at(self, block: int) -> Span | None:
+        """The span of the cover holding ``block``, or None."""
+        cell = block // self.cell_blocks
+        if cell in self._coarse:
+            return _cell_span(cell, self.cell_blocks, self.nb_blocks)
+        chunks = self._chunks
+        for level in self.levels:
+            start = block >> level << level
+            if chunks.get(start) == 1 << level:
+                return start, 1 << level
+        return None
+
+    def is_coarse(self, first: int, n: int) -> bool:
+        """Whether span ``(first, n)`` is a coarse cell of the cover."""
+        cell = first // self.cell_blocks
+        return cell in self._coarse and (first, n) == _cell_span(cell, self.cell_blocks,
+                                                                  self.nb_blocks)
+
     def spans(self) -> list[Span]:
         """Every span of the cover, in block order."""
         cells = [_cell_span(c, self.cell_blocks, self.nb_blocks) for c in self._coarse]
@@ -187,6 +210,7 @@ class ExactCover:
         d = _Draft(self)
         self._cover_new(bits, d, first, first + n)
         self._fit(bits, d)
+        self._maybe_refine(bits, d)          # a merge may have made room
         return d.plan(bits)
 
     def plan_unplug(self, bits: PlugState, first: int, n: int) -> CoverPlan:
