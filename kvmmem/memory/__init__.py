@@ -2,22 +2,14 @@
 memory API, flat views, transactions with listeners, the KVM memslot
 listener and the ``info mtree`` renderer."""
 
-from kvmmem.memory.address_space import (
-    AddressSpace,
-    MemoryListener,
-    MemoryRollbackError,
-    UnassignedAccessError,
-    address_spaces,
-    begin,
-    commit,
-    memory_transaction,
-    transaction_depth,
-)
+from kvmmem.memory.address_space import AddressSpace, MemoryListener, UnassignedAccessError
 from kvmmem.memory.flatview import FlatRange, FlatView
 from kvmmem.memory.host import PAGE_SIZE, HostMemory, HostMemoryError, guard_regions_supported
 from kvmmem.memory.kvm_listener import KvmMemoryListener, MemslotRecord
 from kvmmem.memory.mtree import mtree_info
 from kvmmem.memory.region import MemoryRegion, RegionKind
+from kvmmem.memory.transaction import (MemoryRollbackError, address_spaces, begin, commit,
+                                       memory_transaction, transaction_depth)
 
 __all__ = [
     "AddressSpace", "FlatRange", "FlatView", "HostMemory", "HostMemoryError",

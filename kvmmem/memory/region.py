@@ -8,7 +8,7 @@ higher priority wins, and at equal priority the one added later wins (the
 order QEMU's implementation gives; its documentation leaves it open).
 
 Every change goes through the global memory transaction (see
-:mod:`kvmmem.memory.address_space`): it is journalled so a failed commit can
+:mod:`kvmmem.memory.transaction`): it is journalled so a failed commit can
 undo it, and it invalidates the cached rendering of the region and of every
 region above it.
 """
@@ -18,10 +18,11 @@ from __future__ import annotations
 import enum
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 from kvmmem.memory.address_index import AddressIndex
 from kvmmem.memory.host import HostMemory
+from kvmmem.memory.transaction import TRANSACTION
 
 if TYPE_CHECKING:
     from kvmmem.memory.flatview import FlatRange
@@ -45,19 +46,6 @@ class RegionKind(enum.Enum):
 # handles: (container, child, child's offset, True for added / False for
 # removed). Other mutations are journalled with None.
 Change = tuple["MemoryRegion", "MemoryRegion", int, bool]
-
-
-class _Journal(Protocol):
-    """What region mutations need from the transaction machinery."""
-
-    def begin(self) -> None: ...
-    def record(self, undo: Callable[[], None], change: Change | None = None) -> None: ...
-    def commit(self) -> None: ...
-
-
-# Installed by kvmmem.memory.address_space when it is imported (always, via
-# the package); without it mutations apply immediately and unjournalled.
-_journal: _Journal | None = None
 
 
 class MemoryRegion:
@@ -275,10 +263,7 @@ class MemoryRegion:
 
     def _mutate(self, do: Callable[[], None], undo: Callable[[], None],
                 change: Change | None = None) -> None:
-        journal = _journal
-        if journal is None:
-            do()
-            return
+        journal = TRANSACTION
         journal.begin()
         try:
             do()
