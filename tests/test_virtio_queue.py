@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvmmem.memory import AddressSpace, HostMemory, MemoryRegion, memory_transaction
-from kvmmem.virtio.guest_memory import GuestMemory, GuestMemoryError
+from kvmmem.memory.guest_memory import GuestMemory, GuestMemoryError
 from kvmmem.virtio.queue import (
     MAX_CHAIN_BYTES,
     VIRTQ_DESC_F_INDIRECT,

@@ -9,7 +9,9 @@ write to read-only memory, a protected block of host memory) is refused with
 
 from __future__ import annotations
 
-from kvmmem.memory import AddressSpace, FlatRange, FlatView, HostMemory, HostMemoryError
+from kvmmem.memory.address_space import AddressSpace
+from kvmmem.memory.flatview import FlatRange, FlatView
+from kvmmem.memory.host import HostMemory, HostMemoryError
 
 __all__ = ["GuestMemory", "GuestMemoryError"]
 
