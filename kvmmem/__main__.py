@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from kvmmem.kvm import KvmError
-from kvmmem.vmm.units import parse_size
+from kvmmem.units import parse_size
 
 
 def _sizes(text: str) -> list[int]:

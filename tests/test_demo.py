@@ -12,7 +12,7 @@ from vmem_helpers import GiB, MiB, plug_device, small_machine
 
 from kvmmem.devices.virtio_mem_driver import HostDriver
 from kvmmem.vmm.demo import run_demo
-from kvmmem.vmm.units import format_size, parse_size
+from kvmmem.units import format_size, parse_size
 
 
 def test_sizes_parse_and_format_like_qemu() -> None:

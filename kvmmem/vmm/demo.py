@@ -30,7 +30,7 @@ from kvmmem.memory import HostMemory
 from kvmmem.vmm.kmem import KmemError, KmemProbe
 from kvmmem.vmm.machine import Machine, MachineConfig
 from kvmmem.vmm.machine_memory import MachineMemory
-from kvmmem.vmm.units import format_size, mib
+from kvmmem.units import format_size, mib
 
 GiB = 1 << 30
 GUEST_ELF = Path(__file__).resolve().parents[2] / "build" / "guest" / "guest.elf"
