@@ -25,7 +25,7 @@ def _size(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kvmmem.vmm.demo import run_demo
+    from kvmmem.measure.demo import run_demo
     from kvmmem.vmm.smoke import run_smoke
 
     report = run_smoke()

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from kvmmem.memory import HostMemory
-from kvmmem.vmm import kmem
+from kvmmem.measure import kmem
 
 MIB, GIB = 1 << 20, 1 << 30
 

@@ -10,7 +10,7 @@ cgroup, next to what the same device costs as one memslot (``single``).
 The driver is the test guest (``build/guest/guest.elf``) booted under KVM,
 which plugs and unplugs through virtio-mmio as Linux's driver does; with
 ``driver="host"`` requests come from the host-side
-:class:`~kvmmem.devices.virtio_mem_driver.HostDriver` instead (no guest).
+:class:`~kvmmem.measure.host_driver.HostDriver` instead (no guest).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
-from kvmmem.devices.virtio_mem_driver import HostDriver
+from kvmmem.measure.host_driver import HostDriver
 from kvmmem.kvm import Kvm
 from kvmmem.memory import HostMemory
-from kvmmem.vmm.kmem import KmemError, KmemProbe
+from kvmmem.measure.kmem import KmemError, KmemProbe
 from kvmmem.vmm.machine import Machine, MachineConfig
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.units import format_size, mib

@@ -22,7 +22,7 @@ Two backends:
   root cgroup or one without processes of its own; otherwise the backend is
   reported unusable with that reason.
 
-Measurement cgroups (:mod:`kvmmem.vmm.cgroups`) are made inside the caller's
+Measurement cgroups (:mod:`kvmmem.measure.cgroups`) are made inside the caller's
 own cgroup (so limits and accounting of the caller's ancestors still apply),
 or inside the directory named by ``parent=`` or the ``KVMMEM_KMEM_PARENT``
 environment variable. Only the measured process is moved; the cgroup is
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from kvmmem.vmm.cgroups import (CGROUP1, CGROUP2, PARENT_ENV, KmemBackend, KmemError,
+from kvmmem.measure.cgroups import (CGROUP1, CGROUP2, PARENT_ENV, KmemBackend, KmemError,
                                 KmemUnavailable, MemCgroup, Mount, detect, parse_flat_keyed,
                                 parse_mountinfo, parse_proc_cgroup, v2_kernel_bytes,
                                 vmalloc_used)
