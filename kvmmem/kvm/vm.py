@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from kvmmem.kvm._fd import FdObject
 from kvmmem.kvm._lib import ffi, lib
+from kvmmem.kvm.caps import Cap
 from kvmmem.kvm.error import KvmError
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ class Vm(FdObject):
     def __init__(self, fd: int, kvm: "Kvm") -> None:
         super().__init__(fd)
         self.kvm = kvm
-        self.max_memslots: int = self.check_extension(lib.KVM_CAP_NR_MEMSLOTS) or FALLBACK_MEMSLOTS
-        self.has_user_memory2 = bool(self.check_extension(lib.KVM_CAP_USER_MEMORY2))
+        self.max_memslots: int = self.check_extension(Cap.NR_MEMSLOTS) or FALLBACK_MEMSLOTS
+        self.has_user_memory2 = bool(self.check_extension(Cap.USER_MEMORY2))
         self._slots: dict[int, Memslot] = {}
         self._freed: list[int] = []
         self._next_fresh = 0
