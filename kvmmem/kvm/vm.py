@@ -252,12 +252,6 @@ class Vm(FdObject):
         """KVM_SET_PIT2: restore a state from :meth:`get_pit2`."""
         self._ioctl_ptr("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
 
-    def irq_line(self, irq: int, level: int) -> None:
-        """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip high or low."""
-        line = ffi.new("struct kvm_irq_level *")
-        line.irq, line.level = irq, level
-        self._ioctl_ptr("KVM_IRQ_LINE", lib.KVM_IRQ_LINE, line)
-
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi``."""
         req = ffi.new("struct kvm_irqfd *")

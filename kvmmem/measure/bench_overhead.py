@@ -40,7 +40,7 @@ from kvmmem.vmm.machine_memory import MachineMemory
 
 GIB = 1 << 30
 BOOT_RAM = GIB
-TARGET = 1.2                    # issue 7: kvmmem per memslot change <= 1.2x the bare ioctl
+TARGET = 1.2                    # the project's goal: per memslot change <= 1.2x the bare ioctl
 
 
 @dataclass

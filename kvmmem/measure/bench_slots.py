@@ -51,7 +51,8 @@ MODES = ("single", "usable", "dynamic")
 BOOT_RAM = 1 * GIB
 CYCLE = 1 * GIB                 # the size plugged and unplugged for the timings
 MAX_NB_BLOCKS = 0xFFFF          # a request's nb_blocks is a le16
-# Measured on this project's machines (facts file, section 1): 2571 MiB per TiB.
+# One memslot costs 2571 MiB of KVM metadata per TiB on a shadow-MMU host
+# (scripts/bench_single_slot.py on the project's machines).
 METADATA_PER_GIB = 2.51 * MIB
 # A configuration is run only if its estimated metadata fits in this share of MemTotal.
 AFFORDABLE_SHARE = 0.5

@@ -1,9 +1,10 @@
-"""``kvmmem demo``: the seed replayed on this machine.
+"""``kvmmem demo``: the example of QEMU's RFC "virtio-mem: Expose device memory
+via multiple memslots" replayed on this machine.
 
 A pc machine with 4 GiB of RAM and a 500 GiB virtio-mem device is asked for
 2 GiB, 20 GiB, then 5 GiB followed by a reboot. After each step the demo
 prints the ``device-memory`` part of ``info mtree`` (in ``usable`` mode the
-seed's listings), the memslots the device holds, the plugged size the guest
+RFC's listings, kept in tests/seed.py), the memslots the device holds, the plugged size the guest
 reports, and the kernel memory KVM's metadata costs, measured in a memory
 cgroup, next to what the same device costs as one memslot (``single``).
 
@@ -153,7 +154,7 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
              requested: Sequence[int] = (2 * GiB, 20 * GiB, 5 * GiB), reboot_last: bool = True,
              ram: int = 4 * GiB, maxmem: int = 1028 * GiB, driver: str = "guest",
              kernel: Path = GUEST_ELF, say: Say = print) -> None:
-    """Replay the seed in each mode and print what happened."""
+    """Replay the RFC's example in each mode and print what happened."""
     with ExitStack() as stack, Kvm() as kvm:
         meter = _Meter(stack)
         if meter.probe is None:

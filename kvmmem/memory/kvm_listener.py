@@ -110,11 +110,6 @@ class KvmMemoryListener(MemoryListener):
                                          fr.alias.name if fr.alias is not None else None))
         return records
 
-    def slot_of(self, fr: FlatRange) -> int | None:
-        """The memslot id backing ``fr``, None if it has none."""
-        entry = self._by_start.get(fr.start)
-        return entry[1] if entry is not None and entry[0] == fr else None
-
     def has_memory(self, space: AddressSpace, start: int, size: int) -> bool:
         """Whether a memslot maps exactly ``[start, start+size)`` of ``space``."""
         if space is not self.address_space:

@@ -225,16 +225,6 @@ class MemoryRegion:
                              f"in a 64-bit address space")
         self._set("addr", offset)
 
-    def set_alias_offset(self, offset: int) -> None:
-        """Point an alias at another offset of its target."""
-        _check_int("offset", offset)
-        if self.target is None:
-            raise TypeError(f"region {self.name!r} is not an alias")
-        if offset < 0 or offset + self.size > self.target.size:
-            raise ValueError(f"alias {self.name!r}: offset {offset:#x} puts it outside "
-                             f"{self.target.name!r}")
-        self._set("alias_offset", offset)
-
     def set_readonly(self, readonly: bool) -> None:
         """Make guest writes to this region (and below) fault/exit instead of storing."""
         self._set("readonly", bool(readonly))

@@ -127,10 +127,6 @@ class VirtioMmioTransport:
         return self._interrupt_status
 
     @property
-    def config_generation(self) -> int:
-        return self._config_generation
-
-    @property
     def driver_features(self) -> int:
         """The features the driver wrote (accepted once Status has FEATURES_OK)."""
         return self._driver_features
