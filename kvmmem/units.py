@@ -26,6 +26,10 @@ def parse_size(text: str, *, default_unit: int = 1) -> int:
     match = _SIZE.fullmatch(text)
     if match is None or (match[1] and (match[3] or match[4])):
         raise ValueError(f"{text!r} is not a size (examples: 512M, 2G, 1T)")
+    hex_digits: str | None
+    decimal: str
+    unit: str | None
+    byte: str | None
     hex_digits, decimal, unit, byte = match.groups()
     if hex_digits:
         return int(hex_digits, 16) * default_unit
@@ -36,7 +40,7 @@ def parse_size(text: str, *, default_unit: int = 1) -> int:
     scale = _SUFFIXES[unit.upper() if unit else "B"]
     whole, _, fraction = decimal.partition(".")
     numerator = int(whole + fraction) * scale
-    denominator = 10 ** len(fraction)
+    denominator: int = 10 ** len(fraction)
     if numerator % denominator:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return numerator // denominator

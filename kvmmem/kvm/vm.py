@@ -151,7 +151,7 @@ class Vm(FdObject):
         log = ffi.new("struct kvm_dirty_log *")
         log.slot, log.dirty_bitmap = slot, bitmap
         self._ioctl_ptr("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
-        return ffi.buffer(bitmap)[:]
+        return bytes(ffi.buffer(bitmap))
 
     def _check_region(self, name: str, slot: int, gpa: int, size: int, uaddr: int,
                       host_mapped: bool = False) -> None:

@@ -292,10 +292,10 @@ def evaluate_targets(run: Run) -> list[tuple[str, str, bool | None]]:
                     measured, all(o.device_ratio <= OVERHEAD_TARGET for o in run.overheads)))
     pcts = [(c, c.rss_returned_pct) for c in run.cases if c.rss_returned_pct is not None]
     if pcts:
-        worst = max(pcts, key=lambda p: abs(p[1]))  # type: ignore[arg-type]
+        worst = max(pcts, key=lambda p: abs(p[1]))
         out.append(("after unplug, RSS within 1% of before the plug",
                     f"worst {worst[1]:+.2f} % ({worst[0].mode}, {human(worst[0].plugged) if worst[0].plugged else 0} plugged)",
-                    all(abs(p) <= 1.0 for _, p in pcts)))  # type: ignore[arg-type]
+                    all(abs(p) <= 1.0 for _, p in pcts)))
     if run.device_size >= 64 * TIB:
         ok = any(c.mode == "dynamic" and c.plug_s is not None for c in run.cases)
         out.append((f"{human(run.device_size)} dynamic starts and plugs 1 GiB",

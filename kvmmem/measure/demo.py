@@ -165,9 +165,10 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
         for mode in modes:
             props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=mode)
             before = meter.read()
+            session: GuestDriver | HostSideDriver
             if driver == "guest":
-                session: GuestDriver | HostSideDriver = GuestDriver(kvm, props, ram, maxmem, kernel)
-                memory = session.machine.memory
+                guest = GuestDriver(kvm, props, ram, maxmem, kernel)
+                session, memory = guest, guest.machine.memory
                 who = "the test guest under KVM"
             else:
                 session = HostSideDriver(kvm, props, ram, maxmem)

@@ -130,7 +130,8 @@ def _decode(blob: bytes, status: int) -> Measurement:
         raise KmemError(f"measuring child ended without a report ({_describe_status(status)})")
     payload = pickle.loads(blob)
     if payload[0] == "ok":
-        return payload[1]
+        result: Measurement = payload[1]
+        return result
     if payload[0] == "unavailable":
         raise KmemUnavailable(payload[1])
     raise MeasuredWorkError(*payload[1:])

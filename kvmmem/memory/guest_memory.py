@@ -100,9 +100,9 @@ class GuestMemory:
         view = self.address_space.flatview
         hit = self._hit
         if hit is not None and hit[0] is view:
-            fr = hit[1]
-            if fr.start <= gpa and end <= fr.start + fr.size:
-                return [self._piece(fr, gpa, size, write)]
+            last = hit[1]
+            if last.start <= gpa and end <= last.start + last.size:
+                return [self._piece(last, gpa, size, write)]
         pieces: list[tuple[FlatRange, int, int]] = []
         addr = gpa
         while True:

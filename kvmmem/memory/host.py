@@ -204,7 +204,7 @@ class HostMemory:
         self._check_bytes(offset, size)
         return self._map[offset:offset + size]
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (refuses protected memory instead of faulting)."""
         self._check_bytes(offset, len(data))
         self._map[offset:offset + len(data)] = data

@@ -88,7 +88,7 @@ class MemoryRegion:
         # of every mutation).
         self._aliased_by: list[weakref.ref[MemoryRegion]] = []
         # (render key, rendered ranges) of the last rendering; see flatview.py.
-        self._rcache: tuple[tuple, list[FlatRange]] | None = None
+        self._rcache: tuple[tuple[object, ...], list[FlatRange]] | None = None
         # Subregions by address, built when first asked for (address_index.py).
         self._aindex: AddressIndex | None = None
 

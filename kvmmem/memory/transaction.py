@@ -94,8 +94,10 @@ class Transaction:
         from kvmmem.memory.incremental import place
         out = []
         for change in self.changes:
-            placement = place(change) if change is not None else None
-            if placement is None or self._is_root(change[1]):   # type: ignore[index]
+            if change is None:
+                return None
+            placement = place(change)
+            if placement is None or self._is_root(change[1]):
                 return None          # a root moved: its whole space shifts
             out.append((change, placement))
         return out

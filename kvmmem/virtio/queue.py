@@ -212,7 +212,8 @@ class SplitQueue:
     # -- guest memory, with memory errors as violations ----------------------------
 
     def _u16(self, gpa: int) -> int:
-        return _U16.unpack(self._read(gpa, 2))[0]
+        value: int = _U16.unpack(self._read(gpa, 2))[0]
+        return value
 
     def _read(self, gpa: int, size: int) -> bytes:
         try:
