@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Where a virtio-mem request's overhead over the bare ioctl comes from: see :mod:`kvmmem.measure.bench_request_python`."""
+"""Where a virtio-mem request's overhead over the bare ioctl comes from.
+
+The logic is :mod:`kvmmem.measure.bench_request_python`."""
 
 import sys
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Memslot metadata, time and memory returned of a virtio-mem device, by memslot mode: see :mod:`kvmmem.measure.bench_slots`."""
+"""Memslot metadata, time and memory returned of a virtio-mem device, by memslot mode.
+
+The logic is :mod:`kvmmem.measure.bench_slots`."""
 
 import sys
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import heapq
 import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.kvm._fd import FdObject
 from kvmmem.kvm._lib import ffi, lib
@@ -50,7 +51,7 @@ class Vm(FdObject):
     list, and a slot KVM refuses leaves the accounting as it was.
     """
 
-    def __init__(self, fd: int, kvm: "Kvm") -> None:
+    def __init__(self, fd: int, kvm: Kvm) -> None:
         super().__init__(fd)
         self.kvm = kvm
         self.max_memslots: int = self.check_extension(Cap.NR_MEMSLOTS) or FALLBACK_MEMSLOTS
@@ -59,7 +60,7 @@ class Vm(FdObject):
         self._freed: list[int] = []
         self._next_fresh = 0
         self._region = ffi.new("struct kvm_userspace_memory_region *")
-        self._vcpus: list["Vcpu"] = []
+        self._vcpus: list[Vcpu] = []
 
     # -- capabilities ------------------------------------------------------
 
@@ -278,7 +279,7 @@ class Vm(FdObject):
 
     # -- vCPUs ---------------------------------------------------------------
 
-    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, with its ``kvm_run`` page mapped."""
         from kvmmem.kvm.vcpu import Vcpu
 

@@ -20,8 +20,7 @@ import statistics
 import time
 
 from kvmmem.kvm import Kvm
-from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener,
-                           MemoryRegion, memory_transaction)
+from kvmmem.memory import AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion, memory_transaction
 
 MiB = 1 << 20
 GiB = 1 << 30

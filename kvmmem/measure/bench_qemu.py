@@ -29,8 +29,8 @@ def qemu_command(device_size: int | None) -> list[str]:
     """An idle (``-S``) QEMU with 4 GiB of RAM and, if a size is given, one
     virtio-mem device of that size with nothing plugged."""
     maxmem = 4 * GIB + (device_size or 0) + 4 * GIB
-    cmd = [QEMU, "-enable-kvm", "-cpu", "qemu64,host-phys-bits=on", "-S", "-display", "none", "-nodefaults", "-monitor", "none",
-           "-m", f"4G,maxmem={maxmem // GIB}G,slots=4"]
+    cmd = [QEMU, "-enable-kvm", "-cpu", "qemu64,host-phys-bits=on", "-S", "-display", "none",
+           "-nodefaults", "-monitor", "none", "-m", f"4G,maxmem={maxmem // GIB}G,slots=4"]
     if device_size:
         cmd += ["-object", f"memory-backend-ram,id=mem0,size={device_size // GIB}G,reserve=off",
                 "-device", "virtio-mem-pci,id=vm0,memdev=mem0"]

@@ -19,7 +19,8 @@ import fcntl
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kvmmem.kvm._fd as fd_module
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps

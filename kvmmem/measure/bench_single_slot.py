@@ -14,12 +14,12 @@ import json
 import mmap
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvmmem import units
 from kvmmem.kvm import Kvm
-from kvmmem.memory import HostMemory
 from kvmmem.measure import kmem
+from kvmmem.memory import HostMemory
 
 MIB, GIB = 1 << 20, 1 << 30
 PAGE = mmap.PAGESIZE

@@ -30,20 +30,21 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kvmmem import units
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
 from kvmmem.kvm import Kvm
-from kvmmem.memory import HostMemory
 from kvmmem.measure import kmem
-from kvmmem.vmm.machine_memory import MachineMemory
-
-from kvmmem.measure.bench_overhead import TARGET as OVERHEAD_TARGET, Overhead, format_overheads, measure_overhead
+from kvmmem.measure.bench_overhead import TARGET as OVERHEAD_TARGET
+from kvmmem.measure.bench_overhead import Overhead, format_overheads, measure_overhead
 from kvmmem.measure.bench_qemu import measure_qemu
+from kvmmem.memory import HostMemory
+from kvmmem.vmm.machine_memory import MachineMemory
 
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -293,8 +294,9 @@ def evaluate_targets(run: Run) -> list[tuple[str, str, bool | None]]:
     pcts = [(c, c.rss_returned_pct) for c in run.cases if c.rss_returned_pct is not None]
     if pcts:
         worst = max(pcts, key=lambda p: abs(p[1]))
+        plugged = human(worst[0].plugged) if worst[0].plugged else 0
         out.append(("after unplug, RSS within 1% of before the plug",
-                    f"worst {worst[1]:+.2f} % ({worst[0].mode}, {human(worst[0].plugged) if worst[0].plugged else 0} plugged)",
+                    f"worst {worst[1]:+.2f} % ({worst[0].mode}, {plugged} plugged)",
                     all(abs(p) <= 1.0 for _, p in pcts)))
     if run.device_size >= 64 * TIB:
         ok = any(c.mode == "dynamic" and c.plug_s is not None for c in run.cases)

@@ -115,7 +115,7 @@ def v2_kernel_bytes(stat: dict[str, int]) -> int:
 class MemCgroup:
     """One measurement cgroup: join it, read it, remove it."""
 
-    def __init__(self, path: Path, backend: "KmemBackend") -> None:
+    def __init__(self, path: Path, backend: KmemBackend) -> None:
         self.path = path
         self.backend = backend
 

@@ -25,13 +25,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
-from kvmmem.measure.host_driver import HostDriver
 from kvmmem.kvm import Kvm
-from kvmmem.memory import HostMemory
+from kvmmem.measure.host_driver import HostDriver
 from kvmmem.measure.kmem import KmemError, KmemProbe
+from kvmmem.memory import HostMemory
+from kvmmem.units import format_size, mib
 from kvmmem.vmm.machine import Machine, MachineConfig
 from kvmmem.vmm.machine_memory import MachineMemory
-from kvmmem.units import format_size, mib
 
 GiB = 1 << 30
 GUEST_ELF = Path(__file__).resolve().parents[2] / "build" / "guest" / "guest.elf"

@@ -40,14 +40,27 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
-from kvmmem.measure.cgroups import (CGROUP1, CGROUP2, PARENT_ENV, KmemBackend, KmemError,
-                                KmemUnavailable, MemCgroup, Mount, detect, parse_flat_keyed,
-                                parse_mountinfo, parse_proc_cgroup, v2_kernel_bytes,
-                                vmalloc_used)
+from kvmmem.measure.cgroups import (
+    CGROUP1,
+    CGROUP2,
+    PARENT_ENV,
+    KmemBackend,
+    KmemError,
+    KmemUnavailable,
+    MemCgroup,
+    Mount,
+    detect,
+    parse_flat_keyed,
+    parse_mountinfo,
+    parse_proc_cgroup,
+    v2_kernel_bytes,
+    vmalloc_used,
+)
 
 __all__ = ["CGROUP1", "CGROUP2", "PARENT_ENV", "KmemBackend", "KmemError", "KmemProbe",
            "KmemUnavailable", "Measurement", "MeasuredWorkError", "MemCgroup", "Mount", "detect",
@@ -232,7 +245,7 @@ class KmemProbe:
     def path(self) -> Path:
         return self._live().path
 
-    def __enter__(self) -> "KmemProbe":
+    def __enter__(self) -> KmemProbe:
         backend = self._backend or detect()
         try:
             origin = backend.cgroup_dir_of(self.pid)

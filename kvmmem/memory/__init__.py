@@ -10,8 +10,14 @@ from kvmmem.memory.host import PAGE_SIZE, HostMemory, HostMemoryError, guard_reg
 from kvmmem.memory.kvm_listener import KvmMemoryListener, MemslotRecord
 from kvmmem.memory.mtree import mtree_info
 from kvmmem.memory.region import MemoryRegion, RegionKind
-from kvmmem.memory.transaction import (MemoryRollbackError, address_spaces, begin, commit,
-                                       memory_transaction, transaction_depth)
+from kvmmem.memory.transaction import (
+                                       MemoryRollbackError,
+                                       address_spaces,
+                                       begin,
+                                       commit,
+                                       memory_transaction,
+                                       transaction_depth,
+)
 
 __all__ = [
     "AddressSpace", "FlatRange", "FlatView", "GuestMemory", "GuestMemoryError", "HostMemory", "HostMemoryError",

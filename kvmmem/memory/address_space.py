@@ -21,9 +21,16 @@ import itertools
 from kvmmem.memory.flatview import FlatRange, FlatView, diff, render, simplify
 from kvmmem.memory.incremental import Placement, update_view
 from kvmmem.memory.region import Change, MemoryRegion, RegionKind
-from kvmmem.memory.transaction import (TRANSACTION, ListenerCallLog, MemoryRollbackError,
-                                       address_spaces, begin,
-                                       commit, memory_transaction, transaction_depth)
+from kvmmem.memory.transaction import (
+    TRANSACTION,
+    ListenerCallLog,
+    MemoryRollbackError,
+    address_spaces,
+    begin,
+    commit,
+    memory_transaction,
+    transaction_depth,
+)
 
 __all__ = ["AddressSpace", "MemoryListener", "MemoryRollbackError", "UnassignedAccessError",
            "begin", "commit", "memory_transaction", "transaction_depth", "address_spaces"]

@@ -62,7 +62,7 @@ def update_view(root: MemoryRegion, view: FlatView, changes: Sequence[tuple[Chan
     None when the changes cannot be spliced (overlapping windows, merges)."""
     windows: list[tuple[int, int, list[FlatRange]]] = []
     for (_, child, _, added), levels in changes:
-        for mr, lo, ro, unm in levels:
+        for mr, lo, ro, unm in levels:  # noqa: B007 - the level found is used after the loop
             if mr is root:
                 base = root.addr + lo
                 break

@@ -8,7 +8,7 @@ without a parent as ``container``), so listings compare with QEMU's directly.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from kvmmem.memory.address_space import AddressSpace, address_spaces
 from kvmmem.memory.region import MemoryRegion, RegionKind

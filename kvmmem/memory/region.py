@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import enum
 import weakref
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from kvmmem.memory.address_index import AddressIndex
 from kvmmem.memory.host import HostMemory
