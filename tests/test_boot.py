@@ -6,17 +6,18 @@ import signal
 import struct
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmmem.kvm import x86
-from kvmmem.vmm import boot
 from kvmmem.memory import AddressSpace, GuestMemory, HostMemory, MemoryRegion, memory_transaction
+from kvmmem.vmm import boot
 from kvmmem.vmm.boot import BootError
 from kvmmem.vmm.pc_layout import MachineMemoryMap
 

@@ -10,8 +10,8 @@ import pytest
 from seed import seed_listings
 from vmem_helpers import GiB, MiB, plug_device, small_machine
 
-from kvmmem.measure.host_driver import HostDriver
 from kvmmem.measure.demo import run_demo
+from kvmmem.measure.host_driver import HostDriver
 from kvmmem.units import format_size, parse_size
 
 

@@ -6,12 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmmem.devices.memory_device import (
-    DeviceMemory, MemoryDeviceError, MemoryRange, MemslotBudgetError,
-    PluggedDevice)
-from kvmmem.vmm.pc_layout import MachineMemoryMap
+from kvmmem.devices.memory_device import DeviceMemory, MemoryDeviceError, MemoryRange, MemslotBudgetError, PluggedDevice
 from kvmmem.devices.memslot_budget import (
-    MAX_MEMSLOTS_PER_DEVICE, MIN_MEMSLOT_SIZE, MemslotBudget, Reservation, memslots_for_device)
+    MAX_MEMSLOTS_PER_DEVICE,
+    MIN_MEMSLOT_SIZE,
+    MemslotBudget,
+    Reservation,
+    memslots_for_device,
+)
+from kvmmem.vmm.pc_layout import MachineMemoryMap
 
 MiB = 1 << 20
 GiB = 1 << 30
