@@ -40,6 +40,16 @@ def test_options_build_the_machine_config() -> None:
     props.memdev.close()
 
 
+def test_bare_sizes_count_as_qemu_counts_them() -> None:
+    # QEMU: -m 512 is 512 MiB, maxmem and property sizes are bytes
+    cfg = config("-m", "512,maxmem=0x40000000", "-object", "memory-backend-ram,id=m,size=1073741824",
+                 "-device", "virtio-mem,id=v,memdev=m,requested-size=4194304")
+    assert (cfg.ram_size, cfg.maxmem) == (512 * MiB, GiB)
+    props = cfg.memory_devices[0]
+    assert (props.memdev.size, props.requested_size) == (GiB, 4 * MiB)
+    props.memdev.close()
+
+
 @pytest.mark.parametrize("argv,option,why", [
     (["-m", "4Q"], "-m", "is not a size"),
     (["-m", "4G,maxmem=8G,color=red"], "-m", "unknown key"),

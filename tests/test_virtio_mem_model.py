@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmem_helpers import GiB, MiB, kvm_ranges, expected_ranges, plug_device, small_machine
+from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, plug_device, small_machine
 
 from kvmmem.devices.virtio_mem_proto import BlockState, Request, RequestType, Response
 from kvmmem.kvm import Kvm

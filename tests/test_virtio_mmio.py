@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from kvmmem.devices.notifier import Notifier
 from kvmmem.memory import AddressSpace, HostMemory, MemoryRegion, memory_transaction
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
-from kvmmem.virtio.guest_memory import GuestMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import (
     INT_CONFIG_CHANGE,
     INT_USED_BUFFER,

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
-from kvmmem.vmm.units import parse_size
+from kvmmem.units import MiB, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
@@ -47,9 +47,9 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
     return result
 
 
-def _size(option: str, key: str, value: str) -> int:
+def _size(option: str, key: str, value: str, default_unit: int = 1) -> int:
     try:
-        return parse_size(value)
+        return parse_size(value, default_unit=default_unit)
     except ValueError:
         raise OptionError(option, f"{key}={value!r} is not a size (examples: 512M, 2G)") from None
 
@@ -90,7 +90,7 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     unknown = set(mem) - {"size", "maxmem", "slots"}
     if unknown:
         raise OptionError("-m", f"unknown key {sorted(unknown)[0]!r}")
-    ram = _size("-m", "size", mem["size"])
+    ram = _size("-m", "size", mem["size"], MiB)      # QEMU: -m 512 is 512 MiB
     maxmem = _size("-m", "maxmem", mem["maxmem"]) if "maxmem" in mem else None
     try:
         slots = int(mem.get("slots", "0"))

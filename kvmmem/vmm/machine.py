@@ -22,7 +22,7 @@ from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
 from kvmmem.memory import RegionKind
-from kvmmem.virtio.guest_memory import GuestMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot
 from kvmmem.vmm.machine_memory import MachineMemory
@@ -128,13 +128,8 @@ class Machine:
 
     def _load(self) -> boot.BootLayout:
         layout = self.memory.layout
-        below = layout.ram_below_4g.size if layout.ram_below_4g else 0
-        above = layout.ram_above_4g.size if layout.ram_above_4g else 0
-        area = layout.device_memory
-        map_size = max(4 << 30, area.start + area.size if area else 4 << 30,
-                       (4 << 30) + above)
-        return boot.boot(self.vcpu, boot.pc_ram_writer(self.memory.ram_host, below),
-                         self.config.kernel, self.cmdline, boot.pc_e820(below, above), map_size)
+        return boot.boot(self.vcpu, boot.guest_writer(self.guest_memory), self.config.kernel,
+                         self.cmdline, layout.e820(), layout.identity_map_end)
 
     # -- running -----------------------------------------------------------
 
@@ -250,8 +245,7 @@ class Machine:
             self.vcpu.complete_mmio_read(b"\xff" * ex.length)
 
     def _unplugged(self, address: int, is_write: bool, fatal: bool = False) -> None:
-        owner = next((d.id for d in self.devices.values()
-                      if d.addr <= address < d.addr + d.region_size), "")
+        owner = self.memory.owner(address)
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
         self.unplugged_accesses.append(access)
         log.warning("vCPU %d: %s of unplugged/unassigned memory at %#x%s", access.vcpu,

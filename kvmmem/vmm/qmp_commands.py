@@ -184,9 +184,9 @@ class MachineMonitor:
     def _query_memslots(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """Every KVM memslot of the VM, with the region and device it maps."""
         with self.machine.lock:
-            records = self.machine.memory.kvm_listener.memslots()
-            owners = [(d.addr, d.addr + d.region_size, d.id) for d in self.machine.devices.values()
-                      if d.realized]
+            memory = self.machine.memory
+            records = memory.kvm_listener.memslots()
+            owners = {rec.slot: memory.owner(rec.guest_phys_addr) for rec in records}
         result = []
         for rec in sorted(records, key=lambda r: r.guest_phys_addr):
             slot: dict[str, Any] = {"slot": rec.slot, "start": rec.guest_phys_addr,
@@ -194,8 +194,8 @@ class MachineMonitor:
                                     "flags": rec.flags, "region": rec.region}
             if rec.alias is not None:
                 slot["alias"] = rec.alias
-            device = next((i for lo, hi, i in owners if lo <= rec.guest_phys_addr < hi), None)
-            if device is not None:
+            device = owners[rec.slot]
+            if device:
                 slot["device"] = device
             result.append(slot)
         return result
