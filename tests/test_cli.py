@@ -40,6 +40,14 @@ def test_options_build_the_machine_config() -> None:
     props.memdev.close()
 
 
+@pytest.mark.parametrize("mode", ["single", "usable", "dynamic", "exact"])
+def test_every_memslot_mode_is_an_option(mode: str) -> None:
+    cfg = config("-m", "1G,maxmem=9G", "-object", "memory-backend-ram,id=m,size=8G",
+                 "-device", f"virtio-mem,id=v,memdev=m,memslots={mode}")
+    assert cfg.memory_devices[0].memslots.value == mode
+    cfg.memory_devices[0].memdev.close()  # type: ignore[union-attr]
+
+
 def test_bare_sizes_count_as_qemu_counts_them() -> None:
     # QEMU: -m 512 is 512 MiB, maxmem and property sizes are bytes
     cfg = config("-m", "512,maxmem=0x40000000", "-object", "memory-backend-ram,id=m,size=1073741824",

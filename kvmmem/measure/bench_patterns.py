@@ -102,11 +102,12 @@ def device_pattern(backend: kmem.KmemBackend, mode: str, pattern: str,
                    device_size: int) -> Iterator[dict[str, Any]]:
     """The pattern's requests into a fresh device; the charge; the linux hole."""
     requests = pattern_requests(pattern)
+    # requested-size spans every request, so that the usable region reaches them all
+    span = max(offset + size for offset, size in requests)
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                       block_size=BLOCK, memslots=mode,
-                                       requested_size=sum(size for _, size in requests)))
+                                       block_size=BLOCK, memslots=mode, requested_size=span))
         machine.plug(dev)
         times = [_send(dev, RequestType.PLUG, offset, size) for offset, size in requests]
         out: dict[str, Any] = {"kernel_raw": _own_kernel_bytes(backend), "memslots": dev.nb_memslots,
