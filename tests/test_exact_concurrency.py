@@ -17,10 +17,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from vmem_helpers import GiB, MiB, PLUG, UNPLUG, exact_ranges, kvm_ranges, request
+from vmem_helpers import PLUG, UNPLUG, GiB, MiB, exact_ranges, kvm_ranges, request
 
-from kvmmem.devices.virtio_mem_proto import ResponseType
 from kvmmem.devices.virtio_mem import VirtioMemProps
+from kvmmem.devices.virtio_mem_proto import ResponseType
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.machine import Machine, MachineConfig
 
@@ -99,7 +99,8 @@ def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
         machine.close()
     assert not errors, errors
     assert status == 0
-    assert not [l for l in lines if "mismatch" in l or "error" in l or "exception" in l], lines
+    assert not [line for line in lines if "mismatch" in line or "error" in line
+                or "exception" in line], lines
     assert machine.unplugged_accesses == []
     # one 1 GiB memslot; split around block 480: 7 x 128M + 4 x 16M | 7 x 2M + 3 x 16M
     assert shapes[:2] == [1, 21]

@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmmem.devices.exact_cover import (
-    CoverPlan, ExactCover, chunk_levels, decompose, reference_cover)
+from kvmmem.devices.exact_cover import CoverPlan, ExactCover, chunk_levels, decompose, reference_cover
 from kvmmem.devices.plug_bitmap import PlugBitmap
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40

@@ -148,7 +148,7 @@ class CoverPlan:
     replaces_plugged: bool
     coarsened: tuple[int, ...]
     refined: tuple[int, ...]
-    _draft: "_Draft"
+    _draft: _Draft
 
 
 class ExactCover:
@@ -272,14 +272,14 @@ class ExactCover:
             else:
                 self._small.pop(cell, None)
 
-    def _chunk_containing(self, d: "_Draft", block: int) -> Span:
+    def _chunk_containing(self, d: _Draft, block: int) -> Span:
         for level in self.levels:
             start = block >> level << level
             if d.chunk_at(start) == 1 << level:
                 return start, 1 << level
         raise AssertionError(f"block {block} is plugged but no chunk covers it")
 
-    def _free_of_coarse(self, d: "_Draft", start: int, size: int) -> bool:
+    def _free_of_coarse(self, d: _Draft, start: int, size: int) -> bool:
         if not self._coarse and not d.coarse_cost:
             return True
         cb = self.cell_blocks
@@ -289,7 +289,7 @@ class ExactCover:
             return not any(c in cells for c in range(first_cell, last_cell + 1))
         return not any(first_cell <= c <= last_cell for c in cells)
 
-    def _maximal_chunk(self, bits: PlugState, d: "_Draft", block: int) -> Span:
+    def _maximal_chunk(self, bits: PlugState, d: _Draft, block: int) -> Span:
         """The largest allowed chunk containing plugged ``block`` that is fully
         plugged and reaches into no coarse cell."""
         best = (block, 1)
@@ -302,7 +302,7 @@ class ExactCover:
             best = (start, size)
         return best
 
-    def _cover_new(self, bits: PlugState, d: "_Draft", first: int, end: int,
+    def _cover_new(self, bits: PlugState, d: _Draft, first: int, end: int,
                    fresh: Callable[[int], int | None] | None = None) -> None:
         """Cover the plugged blocks of ``[first, end)``, which no span covered
         before this plan, by maximal chunks, removing the old chunks those
@@ -336,7 +336,7 @@ class ExactCover:
                 stop = start + size
             pos = bits.find(True, stop, end) if stop < end else -1
 
-    def _find_chunk(self, d: "_Draft", block: int) -> Span | None:
+    def _find_chunk(self, d: _Draft, block: int) -> Span | None:
         for level in self.levels:
             start = block >> level << level
             if d.added.get(start) == 1 << level:
@@ -347,7 +347,7 @@ class ExactCover:
         first, n = _cell_span(cell, self.cell_blocks, self.nb_blocks)
         return sum(1 for run in bits.plugged_runs(first, n) for _ in decompose(*run, self.levels))
 
-    def _fit(self, bits: PlugState, d: "_Draft") -> None:
+    def _fit(self, bits: PlugState, d: _Draft) -> None:
         """Coarsen the cells with the most chunks until the limit holds."""
         while d.count() > self.limit:
             small = d.small_view()
@@ -367,7 +367,7 @@ class ExactCover:
             d.set_coarse(cell, cost)
             d.coarsened.append(cell)
 
-    def _maybe_refine(self, bits: PlugState, d: "_Draft") -> None:
+    def _maybe_refine(self, bits: PlugState, d: _Draft) -> None:
         """Return every coarse cell to exact coverage if the whole cover then
         stays within ``limit - limit // 8`` memslots."""
         coarse = d.coarse_view()

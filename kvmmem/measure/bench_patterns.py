@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
 from kvmmem.kvm import Kvm
@@ -107,7 +108,8 @@ def device_pattern(backend: kmem.KmemBackend, mode: str, pattern: str,
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                       block_size=BLOCK, memslots=mode, requested_size=span))
+                                       block_size=BLOCK, memslots=MemslotMode(mode),
+                                       requested_size=span))
         machine.plug(dev)
         times = [_send(dev, RequestType.PLUG, offset, size) for offset, size in requests]
         out: dict[str, Any] = {"kernel_raw": _own_kernel_bytes(backend), "memslots": dev.nb_memslots,
