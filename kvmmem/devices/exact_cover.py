@@ -7,26 +7,26 @@ makes them memslots.
 
 **Chunks.** A chunk is an aligned power-of-two run of blocks whose size in
 bytes is the block size or a power of 8 (with 2 MiB blocks: 2 MiB, 16 MiB,
-128 MiB, 1 GiB, 8 GiB, 64 GiB, ...), and at most ``MAX_CHUNK_BYTES``. The
+128 MiB, 1 GiB, 8 GiB, ...), and at most ``MAX_CHUNK_BYTES``. The
 exact cover of the plugged blocks is the set of *maximal* fully plugged
 chunks: unique for a plug state whatever the history that led to it, so a
 run of N blocks is at most 7 chunks per size on each side (O(log N)), and
 eight complete neighbours of one size merge into one chunk of the next.
 Chunks grow to at most ``MAX_CHUNK_CELLS`` cells of the dynamic grid
 (8 GiB for 1 GiB memslots): a fully plugged device then needs an eighth of
-the memslots ``dynamic`` reserves for it, and a 64 GiB chunk, which costs
-as much to create as the 64 GiB of 128 MiB steps it would merge, is not
-made again and again.
+the memslots ``dynamic`` reserves for it, and no 64 GiB memslot, whose
+metadata costs as much to allocate as the 64 GiB it would merge, is made
+and unmade as the guest grows and shrinks.
 
 Why powers of 8 and not of 2 (the buddy scheme): merging re-creates memslots
-over plugged memory, and KVM's cost of creating a memslot grows with its
-size (its per-page metadata is allocated and zeroed). With powers of 2 a
-guest that plugs 64 GiB in 128 MiB steps has every byte re-created at 10
-sizes (128 MiB ... 64 GiB); with powers of 8 at 4 (128 MiB, 1 GiB, 8 GiB,
-64 GiB), and the sizes fall on Linux's 128 MiB memory blocks, on the 1 GiB
-memslots of ``dynamic`` and on the 2 MiB transparent huge page. 64 GiB so
-plugged is 8 memslots of 8 GiB; 1 GiB plugged as one block per GiB is 512
-memslots of one block, the floor of that pattern.
+over plugged memory, and each memslot change costs KVM a fixed part (an SRCU
+synchronization) plus the allocation of its per-page metadata. With powers
+of 2 a guest that plugs 64 GiB in 128 MiB steps has every byte in memslots
+of 7 sizes (128 MiB ... 8 GiB), one after the other; with powers of 8 in 3
+(128 MiB, 1 GiB, 8 GiB), and the sizes fall on Linux's 128 MiB memory
+blocks, on the 1 GiB memslots of ``dynamic`` and on the 2 MiB transparent
+huge page. 64 GiB so plugged is 8 memslots of 8 GiB; 1 GiB plugged as one
+block per GiB is 512 memslots of one block, the floor of that pattern.
 
 **Budget fallback.** A device may hold at most ``limit`` memslots (the
 reservation ``dynamic`` gets: one per cell of its memslot grid, the cells
