@@ -20,7 +20,6 @@ memslots by listening to the memory layer, so the device reports nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from kvmmem.devices.block_protection import BlockProtection
@@ -196,7 +195,11 @@ class VirtioMem:
             return Response.error()
         rtype = req.type
         if rtype is RequestType.UNPLUG_ALL:
-            return self._answer(self._unplug_all)
+            try:
+                self._unplug_all()
+            except _HOST_FAILURES as exc:
+                return self._busy(exc)
+            return Response.ack()
         block_size = self.props.block_size
         try:                                                    # range check: ERROR
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
@@ -213,17 +216,19 @@ class VirtioMem:
             return Response.nack()                              # size check: NACK
         if bits.any_in_state(first, n, plugged=plug):
             return Response.error()                             # state check: ERROR
-        return self._answer(self._plug if plug else self._unplug, first, n)
-
-    def _answer(self, step: Callable[..., None], *args: int) -> Response:
-        """Run a validated state change: ACK, or BUSY if the host side failed
-        (then nothing changed)."""
         try:
-            step(*args)
+            if plug:
+                self._plug(first, n)
+            else:
+                self._unplug(first, n)
         except _HOST_FAILURES as exc:
-            log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
-            return Response.busy()
+            return self._busy(exc)
         return Response.ack()
+
+    def _busy(self, exc: BaseException) -> Response:
+        """A state change failed on the host side and changed nothing: BUSY."""
+        log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
+        return Response.busy()
 
     # The state changes (virtio_mem_set_block_state). Each one either
     # completes or raises with bitmap, memslots and guards as they were.
