@@ -180,9 +180,11 @@ class VirtioMem:
         try:
             req = Request.parse(request)
         except MalformedRequest as exc:
-            return self._violation(str(exc))
+            self._violation(str(exc))
+            return None
         if queue != 0 or response_capacity < 10:
-            return self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            return None
         return self.process(req).pack()
 
     # -- requests -----------------------------------------------------------
@@ -356,7 +358,6 @@ class VirtioMem:
     def _violation(self, why: str) -> None:
         log.warning("%s: protocol violation, device needs reset: %s", self.id, why)
         self.needs_reset = True
-        return None
 
     def _not_realized(self) -> RuntimeError:
         return RuntimeError(f"{self.id} is not realized (plug it into a machine first)")
