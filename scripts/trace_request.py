@@ -22,9 +22,10 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
@@ -130,7 +131,8 @@ def run() -> list[Trace]:
             out = []
             for label, req, want in cases:
                 raw, answer = req.pack(), []
-                out.append(trace(label, lambda raw=raw: answer.append(dev.handle(0, raw, 10))))
+                out.append(trace(label, lambda raw=raw, answer=answer:
+                                 answer.append(dev.handle(0, raw, 10))))
                 if answer != [Response.ack().pack()]:
                     raise RuntimeError(f"{label}: answered {answer}")
                 if vm.used_memslots != want:

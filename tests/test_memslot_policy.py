@@ -56,6 +56,21 @@ def test_grid_spans_with_a_short_last_memslot() -> None:
     assert list(p.grid_spans(511, 2)) == [MemslotSpan(0, GiB), MemslotSpan(GiB, GiB)]
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda p: p.grid_span(5), "memslot index 5 is outside 0..4"),
+    (lambda p: p.grid_span(-1), "memslot index -1 is outside 0..4"),
+    (lambda p: p.grid_span(1.0), "memslot index 1.0 is outside"),
+    (lambda p: p.resync(5 * GiB + 1), "usable region size 0x140000001 is outside 0..0x140000000"),
+    (lambda p: p.resync(-1), "usable region size -0x1 is outside"),
+])
+def test_geometry_refusals_change_nothing(call, message: str) -> None:  # type: ignore[no-untyped-def]
+    p = policy("usable", 5 * GiB)
+    p.commit(p.resync(GiB))
+    with pytest.raises(ValueError, match=message):
+        call(p)
+    assert indices(p) == {0}
+
+
 def test_memslot_size_must_be_a_block_multiple() -> None:
     with pytest.raises(ValueError, match="memslot size 0x0 must be a positive multiple"):
         policy("usable", 4 * GiB, memslot=0)

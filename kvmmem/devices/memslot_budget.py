@@ -58,6 +58,9 @@ class MemslotBudget:
     def __init__(self, consumers: Mapping[str, Callable[[], int]] | None = None) -> None:
         self._consumers: dict[str, Callable[[], int]] = dict(consumers or {})
         self._reservations: dict[str, Reservation] = {}
+        # Memslots each device has mapped now, kept apart from the reservations
+        # because the memory listener changes it on every memslot change.
+        self._used: dict[str, int] = {}
 
     @property
     def consumers(self) -> tuple[str, ...]:
@@ -65,7 +68,8 @@ class MemslotBudget:
 
     @property
     def reservations(self) -> Mapping[str, Reservation]:
-        return MappingProxyType(self._reservations)
+        return MappingProxyType({device_id: Reservation(r.reserved, self._used[device_id])
+                                 for device_id, r in self._reservations.items()})
 
     def add_consumer(self, name: str, free_slots: Callable[[], int]) -> None:
         """Register a memslot consumer; refused if it cannot hold the slots memory devices reserved."""
@@ -90,7 +94,7 @@ class MemslotBudget:
     @property
     def outstanding(self) -> int:
         """Slots reserved by memory devices and not yet mapped by them."""
-        return sum(r.outstanding for r in self._reservations.values())
+        return sum(r.outstanding for r in self.reservations.values())
 
     def available(self) -> int:
         """Slots anyone may take now without eating into memory-device reservations."""
@@ -118,29 +122,23 @@ class MemslotBudget:
                                      f"{max(0, free - outstanding)} are available ({free} free, "
                                      f"{outstanding} reserved for other memory devices)")
         self._reservations[device_id] = Reservation(count)
+        self._used[device_id] = 0
 
     def set_used(self, device_id: str, used: int) -> None:
         """Record how many of its reserved slots the device has mapped now
-        (called on every memslot change of the device: kept short)."""
+        (for memslots the memory listener does not see)."""
         reservation = self._reservations.get(device_id) or self._get(device_id)
         if type(used) is not int:
             _check_int("used", used)
         if not 0 <= used <= reservation.reserved:
             raise MemslotBudgetError(f"memory device '{device_id}' cannot use {used} memslots: it reserved "
                                      f"{reservation.reserved}")
-        if used != reservation.used:
-            self._reservations[device_id] = Reservation(reservation.reserved, used)
-
-    def count(self, device_id: str, delta: int) -> None:
-        """One memslot of a device appeared (+1) or went away (-1): the
-        memory listener's path, on every memslot change."""
-        reservation = self._reservations.get(device_id) or self._get(device_id)
-        self._reservations[device_id] = reservation._replace(used=reservation.used + delta)
+        self._used[device_id] = used
 
     def release(self, device_id: str) -> Reservation:
         """Drop a device's reservation (the device is unplugged)."""
-        reservation = self._get(device_id)
-        del self._reservations[device_id]
+        reservation = self.reservations.get(device_id) or self._get(device_id)
+        del self._reservations[device_id], self._used[device_id]
         return reservation
 
     def _get(self, device_id: str) -> Reservation:
@@ -170,6 +168,7 @@ class MemoryDeviceListener(MemoryListener):
     def __init__(self, budget: MemslotBudget) -> None:
         self.budget = budget
         self._owners: dict[MemoryRegion, str] = {}
+        self._used = budget._used       # same module: one dict update per memslot change
 
     def track(self, device_id: str, ram: MemoryRegion) -> None:
         """Count the flat ranges of ``ram`` as ``device_id``'s memslots."""
@@ -181,12 +180,12 @@ class MemoryDeviceListener(MemoryListener):
     def region_add(self, fr: FlatRange) -> None:
         device_id = self._owners.get(fr.region)
         if device_id is not None:
-            self.budget.count(device_id, 1)
+            self._used[device_id] += 1
 
     def region_del(self, fr: FlatRange) -> None:
         device_id = self._owners.get(fr.region)
         if device_id is not None:
-            self.budget.count(device_id, -1)
+            self._used[device_id] -= 1
 
 
 @dataclass(frozen=True)

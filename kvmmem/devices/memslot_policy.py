@@ -136,6 +136,8 @@ class MemslotPolicy(ABC):
         """Grid memslot ``index`` (one object per index, made when first asked)."""
         span = self._grid.get(index)
         if span is None:
+            if type(index) is not int or not 0 <= index < self.nb_grid:
+                raise ValueError(f"memslot index {index!r} is outside 0..{self.nb_grid - 1}")
             offset = index * self.memslot_size
             span = self._grid[index] = MemslotSpan(offset, min(self.memslot_size,
                                                                self.region_size - offset))
@@ -219,6 +221,9 @@ class UsablePolicy(MemslotPolicy):
     mode = MemslotMode.USABLE
 
     def resync(self, usable_region_size: int) -> MemslotChange:
+        if not 0 <= usable_region_size <= self.region_size:
+            raise ValueError(f"usable region size {usable_region_size:#x} is outside "
+                             f"0..{self.region_size:#x}")
         count = -(-usable_region_size // self.memslot_size)
         return self._towards(self.grid_span(i) for i in range(count))
 

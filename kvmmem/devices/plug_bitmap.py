@@ -29,16 +29,12 @@ class PlugBitmap:
             raise ValueError(f"nb_blocks {nb_blocks} must be positive")
         self._nb_blocks = nb_blocks
         self._bits = bytearray(nb_blocks)
-        self._plugged = 0
+        self.plugged_count = 0
+        """Number of plugged blocks (read it; ``set`` and ``clear`` keep it)."""
 
     @property
     def nb_blocks(self) -> int:
         return self._nb_blocks
-
-    @property
-    def plugged_count(self) -> int:
-        """Number of plugged blocks."""
-        return self._plugged
 
     def is_plugged(self, block: int) -> bool:
         self._check_range(block, 1)
@@ -54,7 +50,10 @@ class PlugBitmap:
 
     def any_in_state(self, first: int, n: int, plugged: bool) -> bool:
         """True if any block of ``[first, first + n)`` is plugged (or unplugged, for ``plugged=False``)."""
-        end = self._check_range(first, n)
+        end = first + n
+        if type(first) is not int or type(n) is not int or n <= 0 or first < 0 \
+                or end > self._nb_blocks:
+            self._check_range(first, n)                   # raises
         return self._bits.find(1 if plugged else 0, first, end) != -1
 
     def count(self, first: int, n: int) -> int:
@@ -80,12 +79,15 @@ class PlugBitmap:
 
     def set(self, first: int, n: int, plugged: bool) -> int:
         """Put blocks ``[first, first + n)`` in a state; return how many changed."""
-        end = self._check_range(first, n)
+        end = first + n
+        if type(first) is not int or type(n) is not int or n <= 0 or first < 0 \
+                or end > self._nb_blocks:
+            self._check_range(first, n)                   # raises
         bits = self._bits
         changes = bits.count(0 if plugged else 1, first, end)
         if changes:
             bits[first:end] = (b"\x01" if plugged else b"\x00") * n
-            self._plugged += changes if plugged else -changes
+            self.plugged_count += changes if plugged else -changes
         return changes
 
     def clear(self, runs: list[tuple[int, int]] | None = None) -> None:
@@ -96,7 +98,7 @@ class PlugBitmap:
         else:
             for first, n in runs:
                 self._bits[first:first + n] = bytes(n)
-        self._plugged = 0
+        self.plugged_count = 0
 
     def plugged_runs(self, first: int = 0, n: int | None = None) -> Iterator[tuple[int, int]]:
         """Yield ``(first block, length)`` of each maximal plugged run inside ``[first, first + n)``."""

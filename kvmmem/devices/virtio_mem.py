@@ -186,9 +186,11 @@ class VirtioMem:
         try:
             req = Request.parse(request)
         except MalformedRequest as exc:
-            return self._violation(str(exc))
+            self._violation(str(exc))
+            return None
         if queue != 0 or response_capacity < 10:
-            return self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            return None
         return self.process(req).pack()
 
     # -- requests -----------------------------------------------------------
@@ -201,7 +203,11 @@ class VirtioMem:
             return Response.error()
         rtype = req.type
         if rtype is RequestType.UNPLUG_ALL:
-            return self._answer(self._unplug_all)
+            try:
+                self._unplug_all()
+            except _HOST_FAILURES as exc:
+                return self._busy(exc)
+            return Response.ack()
         block_size = self.props.block_size
         try:                                                    # range check: ERROR
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
@@ -218,17 +224,19 @@ class VirtioMem:
             return Response.nack()                              # size check: NACK
         if bits.any_in_state(first, n, plugged=plug):
             return Response.error()                             # state check: ERROR
-        return self._answer(self._plug if plug else self._unplug, first, n)
-
-    def _answer(self, step: Callable[..., None], *args: int) -> Response:
-        """Run a validated state change: ACK, or BUSY if the host side failed
-        (then nothing changed)."""
         try:
-            step(*args)
+            if plug:
+                self._plug(first, n)
+            else:
+                self._unplug(first, n)
         except _HOST_FAILURES as exc:
-            log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
-            return Response.busy()
+            return self._busy(exc)
         return Response.ack()
+
+    def _busy(self, exc: BaseException) -> Response:
+        """A state change failed on the host side and changed nothing: BUSY."""
+        log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
+        return Response.busy()
 
     # The state changes (virtio_mem_set_block_state). Each one either
     # completes or raises with bitmap, memslots and guards as they were.
@@ -360,7 +368,6 @@ class VirtioMem:
     def _violation(self, why: str) -> None:
         log.warning("%s: protocol violation, device needs reset: %s", self.id, why)
         self.needs_reset = True
-        return None
 
     def _not_realized(self) -> RuntimeError:
         return RuntimeError(f"{self.id} is not realized (plug it into a machine first)")

@@ -11,7 +11,6 @@ the RAM region itself is mapped, as before QEMU had memslots.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 from kvmmem.devices.memslot_policy import MemslotSpan
 from kvmmem.memory.address_space import memory_transaction
@@ -50,8 +49,15 @@ class VirtioMemBacking:
         and KVM back and the error propagates: nothing changed.
         """
         top, aliases = self.top, self._aliases
-        # One mutation is its own transaction; several share one.
-        with memory_transaction() if len(unmap) + len(map) > 1 else nullcontext():
+        if len(unmap) + len(map) == 1:          # one mutation is its own transaction
+            if unmap:
+                top.del_subregion(aliases[unmap[0].offset, unmap[0].size])
+            else:
+                span = map[0]
+                top.add_subregion(span.offset,
+                                  aliases.get((span.offset, span.size)) or self.alias(span))
+            return
+        with memory_transaction():
             for span in unmap:
                 top.del_subregion(aliases[span.offset, span.size])
             for span in map:

@@ -42,12 +42,14 @@ class VirtioDevice(Protocol):
     needs_reset: bool
     """Set by the device when the driver broke the protocol (DEVICE_NEEDS_RESET)."""
 
-    config_change_notifiers: NotifierList
-    """Notified by the device, from any thread, after its configuration space
-    changed; the transport subscribes when it takes the device and leaves
-    when it closes.  The transport takes its own lock in its observer, so a
-    device must not notify while holding a lock that its :meth:`handle`
-    also takes (notifying from inside ``handle`` is fine)."""
+    @property
+    def config_change_notifiers(self) -> NotifierList:
+        """Notified by the device, from any thread, after its configuration
+        space changed; the transport subscribes when it takes the device and
+        leaves when it closes.  The transport takes its own lock in its
+        observer, so a device must not notify while holding a lock that its
+        :meth:`handle` also takes (notifying from inside ``handle`` is fine)."""
+        ...
 
     def device_features(self) -> int:
         """The 64-bit feature mask the device offers."""

@@ -126,14 +126,14 @@ class MachineMemory:
     def device_memslots(self, dev_id: str) -> list[DeviceMemslot]:
         """Every memslot of a device: index, guest range, mapped, KVM slot id."""
         dev = self.devices[dev_id]
-        mapped = dev.mapped_memslots
+        policy = dev.policy
+        assert policy is not None                   # plugged devices are realized
         kvm_slots = {rec.guest_phys_addr: rec.slot for rec in self.kvm_listener.memslots()}
-        size, total = dev.memslot_size, dev.region_size
         result = []
-        for index in range(-(-total // size)):
-            gpa = dev.addr + index * size
-            result.append(DeviceMemslot(index, gpa, min(size, total - index * size),
-                                        index in mapped, kvm_slots.get(gpa) if index in mapped else None))
+        for index, span in enumerate(policy.spans()):
+            gpa, mapped = dev.addr + span.offset, policy.is_mapped(span)
+            result.append(DeviceMemslot(index, gpa, span.size, mapped,
+                                        kvm_slots.get(gpa) if mapped else None))
         return result
 
     def owner(self, addr: int) -> str:

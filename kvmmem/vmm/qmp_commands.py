@@ -128,8 +128,7 @@ class MachineMonitor:
     def attach(self) -> None:
         """Subscribe to the events QMP reports, after any observer already there."""
         for dev in self.machine.devices.values():
-            self._subscribe(dev.size_change_notifiers,
-                            lambda size, d=dev: self._size_changed(d, size))
+            self._subscribe(dev.size_change_notifiers, self._size_observer(dev))
         self._subscribe(self.machine.unplugged_access_notifiers, self._unplugged_access)
         self._subscribe(self.machine.reset_notifiers, self._reset)
 
@@ -141,6 +140,9 @@ class MachineMonitor:
 
     def _subscribe(self, notifiers: Notifier[Any], observer: Callable[[Any], None]) -> None:
         self._subscribed.append((notifiers, notifiers.add(observer)))
+
+    def _size_observer(self, dev: "VirtioMem") -> Callable[[int], None]:
+        return lambda size: self._size_changed(dev, size)
 
     def _size_changed(self, dev: "VirtioMem", size: int) -> None:
         self.emit("MEMORY_DEVICE_SIZE_CHANGE",
