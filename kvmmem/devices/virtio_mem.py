@@ -53,7 +53,7 @@ class VirtioMem:
     """
 
     device_id = VIRTIO_ID_MEM
-    queue_max_sizes = (QUEUE_SIZE,)
+    queue_max_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, props: VirtioMemProps) -> None:
         self.props = props

@@ -18,6 +18,7 @@ caller and callee are in different modules), the hops between two modules of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections import Counter
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
 from kvmmem.kvm import Kvm
@@ -112,7 +114,7 @@ def run() -> list[Trace]:
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, GIB, maxmem=size + 4 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"),
-                                       requested_size=size, memslots="dynamic"))
+                                       requested_size=size, memslots=MemslotMode.DYNAMIC))
         try:
             machine.plug(dev)
             if dev.memslot_size != GIB:
@@ -129,9 +131,8 @@ def run() -> list[Trace]:
             ]
             out = []
             for label, req, want in cases:
-                raw, answer = req.pack(), []
-                out.append(trace(label, lambda raw=raw, answer=answer:
-                                 answer.append(dev.handle(0, raw, 10))))
+                answer: list[bytes | None] = []
+                out.append(trace(label, functools.partial(_send, dev, req.pack(), answer)))
                 if answer != [Response.ack().pack()]:
                     raise RuntimeError(f"{label}: answered {answer}")
                 if vm.used_memslots != want:
@@ -140,6 +141,10 @@ def run() -> list[Trace]:
         finally:
             machine.close()
             dev.memdev.close()
+
+
+def _send(dev: VirtioMem, raw: bytes, answer: list[bytes | None]) -> None:
+    answer.append(dev.handle(0, raw, 10))
 
 
 def main(argv: list[str] | None = None) -> int:
