@@ -1,5 +1,5 @@
 """``kvmmem demo``: the example of QEMU's RFC "virtio-mem: Expose device memory
-via multiple memslots" replayed on this machine.
+via separate memslots" (2021) replayed on this machine.
 
 A pc machine with 4 GiB of RAM and a 500 GiB virtio-mem device is asked for
 2 GiB, 20 GiB, then 5 GiB followed by a reboot. After each step the demo
