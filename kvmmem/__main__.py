@@ -1,5 +1,5 @@
 """``kvmmem`` command line: ``kvmmem demo`` replays the example of QEMU's
-virtio-mem multiple-memslots RFC on this machine,
+virtio-mem separate-memslots RFC on this machine,
 ``kvmmem run`` starts a VM with QEMU-style options."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The `info mtree` listings of QEMU's RFC "virtio-mem: Expose device memory via multiple
-memslots" (the seed of this project), as test data."""
+"""The `info mtree` listings of QEMU's RFC "virtio-mem: Expose device memory via separate
+memslots" (2021; the seed of this project), as test data."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
 from kvmmem.devices.virtio_mem_proto import (
-    VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, BlockState, Config,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, Config,
     InvalidRange, MalformedRequest, Request, RequestType, Response, usable_region_size,
     validate_range)
 from kvmmem.devices.virtio_mem_props import (
@@ -55,7 +55,7 @@ class VirtioMem:
     """
 
     device_id = VIRTIO_ID_MEM
-    queue_max_sizes = (QUEUE_SIZE,)
+    queue_max_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, props: VirtioMemProps) -> None:
         self.props = props
@@ -401,9 +401,6 @@ class VirtioMem:
         """Grid indices of the memslots mapped now (single mode: {0})."""
         policy = self._policy()
         return frozenset(span.offset // policy.memslot_size for span in policy.mapped)
-
-    def state_of(self, block: int) -> BlockState:
-        return BlockState.PLUGGED if self._bits().is_plugged(block) else BlockState.UNPLUGGED
 
 
 __all__ = ["VirtioMem", "VirtioMemProps", "VirtioMemPropertyError", "ProtectMode", "MemslotMode"]

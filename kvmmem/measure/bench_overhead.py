@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
 from kvmmem.kvm import Kvm
@@ -81,7 +82,7 @@ def measure_overhead(rounds: int = 31, others: int = 0, batch: int = 20) -> Over
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 4 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                       requested_size=device_size, memslots="dynamic"))
+                                       requested_size=device_size, memslots=MemslotMode.DYNAMIC))
         try:
             machine.plug(dev)
             return _measure(vm, dev, rounds, others, batch)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kvmmem.kvm._fd as fd_module
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType
 from kvmmem.kvm import Kvm, lib
@@ -62,7 +63,7 @@ def request_python(rounds: int, batch: int, pause_s: float) -> float:
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, GIB, maxmem=8 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(4 * GIB, "mem0"),
-                                       requested_size=4 * GIB, memslots="dynamic"))
+                                       requested_size=4 * GIB, memslots=MemslotMode.DYNAMIC))
         machine.plug(dev)
         gpa = dev.addr + dev.memslot_size
         plug = Request(RequestType.PLUG, gpa, 1).pack()

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmmem import units
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
 from kvmmem.kvm import Kvm
@@ -208,7 +209,7 @@ def device_case(backend: kmem.KmemBackend, mode: str, device_size: int,
     with Kvm() as kvm, kvm.create_vm() as vm:
         machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                       requested_size=plugged, memslots=mode))
+                                       requested_size=plugged, memslots=MemslotMode(mode)))
         t0 = time.perf_counter()
         machine.plug(dev)
         out: dict[str, Any] = {"create_s": time.perf_counter() - t0}

@@ -1,5 +1,5 @@
 """``kvmmem demo``: the example of QEMU's RFC "virtio-mem: Expose device memory
-via multiple memslots" replayed on this machine.
+via separate memslots" (2021) replayed on this machine.
 
 A pc machine with 4 GiB of RAM and a 500 GiB virtio-mem device is asked for
 2 GiB, 20 GiB, then 5 GiB followed by a reboot. After each step the demo
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm
 from kvmmem.measure.host_driver import HostDriver
@@ -163,7 +164,7 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
         say(f"baseline, memslots=single: the {format_size(size)} device alone, one memslot, "
             f"costs {_fmt(single)} of KVM metadata (created in {seconds:.2f} s)")
         for mode in modes:
-            props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=mode)
+            props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=MemslotMode(mode))
             before = meter.read()
             session: GuestDriver | HostSideDriver
             if driver == "guest":
@@ -211,7 +212,7 @@ def _single_cost(kvm: Kvm, meter: _Meter, size: int, ram: int,
     with kvm.create_vm() as vm:
         memory = MachineMemory(vm, ram, maxmem=maxmem, slots=13)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"),
-                                       memslots="single"))
+                                       memslots=MemslotMode.SINGLE))
         before = meter.read()
         t0 = time.perf_counter()
         memory.plug(dev)
