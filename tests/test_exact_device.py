@@ -78,7 +78,7 @@ def test_the_budget_fallback_maps_whole_grid_memslots_and_logs_it(vm, caplog) ->
     assert not dev.protection.guarded(513, 1)
     assert machine.budget.reservations["vmem0"].used == 2
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kvmmem.devices.memslot_policy"):
+    with caplog.at_level(logging.INFO, logger="kvmmem.devices.memslot_policy"):
         assert request(dev, UNPLUG, 2, 1).type is ResponseType.ACK     # 3 + 1 <= 4: exact again
     assert "back to exact memslots in grid memslot(s) 0" in caplog.text
     assert kvm_ranges(vm, dev) == {(dev.addr + b * BS, BS) for b in (0, 4, 6, 512)} == exact_ranges(dev)

@@ -349,7 +349,7 @@ class ExactPolicy(MemslotPolicy):
                         "%s mapped whole (%d MiB each), as memslots=dynamic does", self.name,
                         self.cover.limit, ", ".join(map(str, plan.coarsened)), size >> 20)
         if plan.refined:
-            log.warning("%s: memslots=exact back to exact memslots in grid memslot(s) %s "
+            log.info("%s: memslots=exact back to exact memslots in grid memslot(s) %s "
                         "(%d memslots now)", self.name, ", ".join(map(str, plan.refined)),
                         self.cover.count)
 
