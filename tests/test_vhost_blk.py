@@ -18,7 +18,7 @@ from kvmmem.vhost.frontend import VhostUserError
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import Reg, Status
 from kvmmem.vmm.machine_memory import MachineMemory
-from tests.vhost_helpers import (GiB, MiB, SECTOR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+from vhost_helpers import (GiB, MiB, SECTOR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                  HostBlkDriver, start_backend)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvmmem.vmm.cli import OptionError
-from tests.test_cli import config, run
-from tests.vhost_helpers import MiB, start_backend
+from test_cli import config, run
+from vhost_helpers import MiB, start_backend
 
 GiB = 1 << 30
 

@@ -46,6 +46,11 @@ class Backend:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def version(self) -> str:
+        """``qemu-storage-daemon --version``'s first line."""
+        out = subprocess.run([self.proc.args[0], "--version"], capture_output=True, text=True)  # type: ignore[index]
+        return out.stdout.splitlines()[0]
+
     def read_image(self, offset: int, size: int) -> bytes:
         with open(self.image, "rb") as f:
             f.seek(offset)
