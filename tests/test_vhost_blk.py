@@ -92,3 +92,95 @@ def test_private_guest_ram_is_refused(irq_vm, backend):  # type: ignore[no-untyp
     assert vhost.devices == {} and mem.budget.consumers == ("kvm",)
     assert dict(irq_vm.memslots) == slots
     mem.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+def test_backend_death_sets_needs_reset_and_memory_goes_on(irq_vm, backend, caplog) -> None:  # type: ignore[no-untyped-def]
+    mem = machine(irq_vm)
+    gm = GuestMemory(mem.address_space)
+    vhost = VhostBackends(mem, irq_vm, gm)
+    b = vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(8 * GiB, "mem0", shared=True),
+                                   block_size=128 * MiB, requested_size=8 * GiB))
+    mem.plug(dev)
+    transport = vhost.realize("disk0", BASE, GSI)
+    mem.system.add_subregion(BASE, transport.region)
+    drv = HostBlkDriver(transport, gm, ring_gpa=0x100000)
+    drv.setup()
+    assert drv.submit(VIRTIO_BLK_T_OUT, 0, 0x200000, 4096) == 0
+    backend.kill()
+    wait_for(lambda: transport.needs_reset, "the transport did not notice the dead back-end")
+    assert transport.read(Reg.STATUS, 4) & Status.DEVICE_NEEDS_RESET
+    assert transport.interrupt_status & 2                      # a config-change interrupt
+    assert any("disconnected" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert not b.frontend.connected
+    # memory keeps following the guest: memslots map and unmap in KVM as before
+    from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
+    before = len(irq_vm.memslots)
+    raw = dev.handle(0, Request(RequestType.PLUG, dev.addr + 2 * GiB, 1).pack(), 10)
+    assert raw is not None and Response.parse(raw).type.name == "ACK"
+    assert len(irq_vm.memslots) == before + 1
+    assert b.listener.used == len(irq_vm.memslots)             # the accounting stays right
+    raw = dev.handle(0, Request(RequestType.UNPLUG_ALL, 0, 0).pack(), 10)
+    assert raw is not None and Response.parse(raw).type.name == "ACK"
+    assert len(irq_vm.memslots) == before
+    # the driver resets the device: no crash, GET_VRING_BASE is not sent to a dead back-end
+    transport.reset()
+    assert not transport.needs_reset and b.frontend.sent["GET_VRING_BASE"] == 0
+    vhost.close()
+    mem.close()
+
+
+def test_backend_death_leaves_the_guest_running(guest_elf, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    from kvmmem.vmm.machine import Machine, MachineConfig
+
+    backend = start_backend(tmp_path)
+    lines: list[str] = []
+    partial = bytearray()
+    steps = re.compile(r"plugged=(\d+) requested=(\d+) ok")
+    plan = [2 * GiB, 512 * MiB]
+    reached: list[int] = []
+
+    def serial(data: bytes) -> None:
+        nonlocal partial
+        partial += data
+        while b"\n" in partial:
+            line, _, rest = bytes(partial).partition(b"\n")
+            partial = bytearray(rest)
+            lines.append(line.decode(errors="replace"))
+            step = steps.search(lines[-1])
+            if step is None or step[1] != step[2]:
+                continue
+            reached.append(int(step[1]))
+            if not plan:
+                m.shutdown(7)                        # the last size is reached
+                continue
+            if len(plan) == 2:                       # the first size is reached: the back-end dies
+                backend.kill()
+                wait_for(lambda: m.transports[1].needs_reset, "needs reset not set")
+            m.devices["vmem0"].set_requested_size(plan.pop(0))
+
+    props = VirtioMemProps(id="vmem0", memdev=HostMemory(4 * GiB, "mem0", shared=True),
+                           requested_size=GiB)
+    m = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest_elf), maxmem=512 * MiB + 8 * GiB,
+                              cmdline="kvmmem.steps=1000", memory_devices=[props], serial=serial,
+                              ram_backend=HostMemory(512 * MiB, "ram", shared=True),
+                              vhost_devices=[VhostUserBlkProps("disk0", "c0", backend.socket)]))
+    try:
+        status = m.run()
+    finally:
+        m.close()
+        backend.kill()
+    assert status == 7, lines                     # stopped by the test, not by a crash
+    assert reached == [GiB, 2 * GiB, 512 * MiB]
+    assert m.transports[1].needs_reset
