@@ -190,3 +190,27 @@ def test_a_backend_with_too_few_slots_added_after_the_decision_is_refused(vm, ba
     assert dict(vm.memslots) == slots and len(mem.address_space.listeners) == 1
     assert send(dev, RequestType.PLUG, 0) == "ACK"          # the VM's memory goes on as before
     mem.close()
+
+
+def test_qmp_shows_each_consumers_limit_and_use(guest_elf, backend) -> None:  # type: ignore[no-untyped-def]
+    from kvmmem.vmm.machine import Machine, MachineConfig
+    from kvmmem.vmm.qmp_commands import MachineMonitor
+
+    props = VirtioMemProps(id="vmem0", memdev=HostMemory(1024 * GiB, "mem0", shared=True),
+                           block_size=BLOCK)
+    m = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest_elf), maxmem=512 * MiB + 1024 * GiB,
+                              memory_devices=[props],
+                              ram_backend=HostMemory(512 * MiB, "ram", shared=True),
+                              vhost_devices=[VhostUserBlkProps("disk0", "c0", backend.socket)]))
+    try:
+        kvm, vhost = MachineMonitor(m, lambda event: None).execute("x-query-memslot-consumers", {})
+        dev = m.devices["vmem0"]
+        count = -(-dev.region_size // dev.memslot_size)
+        assert kvm == {"consumer": "kvm", "limit": m.vm.max_memslots, "used": 1,
+                       "free": m.vm.max_memslots - 1, "reserved": count}
+        assert vhost["consumer"] == "vhost-user-blk:disk0" and vhost["connected"] is True
+        assert (vhost["used"], vhost["free"], vhost["reserved"]) == \
+            (1, vhost["limit"] - 1, count)
+        assert count <= vhost["limit"] - 1          # the device fits the back-end
+    finally:
+        m.close()

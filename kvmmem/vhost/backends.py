@@ -133,14 +133,18 @@ class VhostBackends:
             self.remove(dev_id)
 
     def consumers(self) -> list[dict[str, Any]]:
-        """Every memslot consumer's limit and use (KVM first), and the reservations."""
-        vm = self.vm
+        """QMP ``x-query-memslot-consumers``: each memslot consumer's limit and use
+        (KVM first, then every back-end) and what memory devices keep reserved."""
+        vm, budget = self.vm, self.memory.budget
+        reserved = budget.outstanding
         result: list[dict[str, Any]] = [{"consumer": "kvm", "limit": vm.max_memslots,
-                                         "used": vm.used_memslots, "free": vm.free_memslots}]
+                                         "used": vm.used_memslots, "free": vm.free_memslots,
+                                         "reserved": reserved}]
         for backend in self.devices.values():
             listener = backend.listener
             entry: dict[str, Any] = {"consumer": backend.consumer, "limit": listener.limit,
                                      "used": listener.used, "free": listener.free(),
+                                     "reserved": reserved,
                                      "connected": backend.frontend.connected}
             result.append(entry)
         return result
