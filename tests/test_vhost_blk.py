@@ -9,6 +9,15 @@ reads and writes the buffers in guest memory it mapped itself.
 from __future__ import annotations
 
 import pytest
+from vhost_helpers import (
+    SECTOR,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    GiB,
+    HostBlkDriver,
+    MiB,
+    start_backend,
+)
 
 from kvmmem.devices.vhost_user_blk import SUPPORTED_FEATURES, VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
@@ -18,8 +27,6 @@ from kvmmem.vhost.frontend import VhostUserError
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import Reg, Status
 from kvmmem.vmm.machine_memory import MachineMemory
-from vhost_helpers import (GiB, MiB, SECTOR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-                                 HostBlkDriver, start_backend)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from kvmmem.vmm.cli import OptionError
 from test_cli import config, run
 from vhost_helpers import MiB, start_backend
+
+from kvmmem.vmm.cli import OptionError
 
 GiB = 1 << 30
 

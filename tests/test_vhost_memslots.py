@@ -17,7 +17,11 @@ from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
 from kvmmem.memory import HostMemory
 from kvmmem.vhost.backends import VhostBackends
-from kvmmem.vhost.frontend import SUPPORTED_PROTOCOL_FEATURES, VhostUserError, VhostUserFrontend
+from kvmmem.vhost.frontend import (
+    SUPPORTED_PROTOCOL_FEATURES,
+    VhostUserError,
+    VhostUserFrontend,
+)
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.messages import ProtocolFeature
 from kvmmem.virtio.guest_memory import GuestMemory

@@ -48,7 +48,8 @@ class Backend:
 
     def version(self) -> str:
         """``qemu-storage-daemon --version``'s first line."""
-        out = subprocess.run([self.proc.args[0], "--version"], capture_output=True, text=True)  # type: ignore[index]
+        out = subprocess.run([self.proc.args[0], "--version"], capture_output=True, text=True,
+                             check=True)  # type: ignore[index]
         return out.stdout.splitlines()[0]
 
     def read_image(self, offset: int, size: int) -> bytes:
@@ -66,8 +67,8 @@ def start_backend(directory: Path, name: str = "disk", size: int = 64 * MiB) -> 
     sock = str(directory / f"{name}.sock")
     proc = subprocess.Popen(
         [qsd, "--blockdev", f"driver=file,node-name=f,filename={image}",
-         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
-         "writable=on"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
+                      f"addr.path={sock},writable=on")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
         if proc.poll() is not None:

@@ -48,14 +48,27 @@ from dataclasses import dataclass
 
 from kvmmem.memory import AddressSpace
 from kvmmem.vhost.frontend import BackendGone, VhostUserError, VhostUserFrontend
-from kvmmem.vhost.messages import (F_PROTOCOL_FEATURES, ProtocolFeature, Request, VringAddr,
-                                   pack_config, pack_u64, pack_vring_state, unpack_config,
-                                   unpack_vring_state)
+from kvmmem.vhost.messages import (
+    F_PROTOCOL_FEATURES,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    pack_config,
+    pack_u64,
+    pack_vring_state,
+    unpack_config,
+    unpack_vring_state,
+)
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1
 from kvmmem.virtio.mmio_regs import QueueState
 
-__all__ = ["VhostUserBlk", "VhostUserBlkProps", "VIRTIO_ID_BLOCK", "BLK_CONFIG_SIZE",
-           "SUPPORTED_FEATURES"]
+__all__ = [
+    "BLK_CONFIG_SIZE",
+    "SUPPORTED_FEATURES",
+    "VIRTIO_ID_BLOCK",
+    "VhostUserBlk",
+    "VhostUserBlkProps",
+]
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from kvmmem.kvm import Vm
     from kvmmem.vmm.machine_memory import MachineMemory
 
-__all__ = ["VhostBackends", "VhostBackend", "require_shared"]
+__all__ = ["VhostBackend", "VhostBackends", "require_shared"]
 
 log = logging.getLogger(__name__)
 

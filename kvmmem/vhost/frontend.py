@@ -23,12 +23,24 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Self
 
-from kvmmem.vhost.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, HEADER,
-                                   MEMORY_BASELINE_NREGIONS, VERSION, Header, ProtocolFeature,
-                                   Request, VhostUserProtocolError, pack_u64, unpack_u64)
+from kvmmem.vhost.messages import (
+    F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    HEADER,
+    MEMORY_BASELINE_NREGIONS,
+    VERSION,
+    Header,
+    ProtocolFeature,
+    Request,
+    VhostUserProtocolError,
+    pack_u64,
+    unpack_u64,
+)
 
-__all__ = ["VhostUserFrontend", "VhostUserError", "BackendGone", "SUPPORTED_PROTOCOL_FEATURES"]
+__all__ = ["SUPPORTED_PROTOCOL_FEATURES", "BackendGone", "VhostUserError", "VhostUserFrontend"]
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +242,7 @@ class VhostUserFrontend:
         self._sock.close()
         os.close(self._wake)
 
-    def __enter__(self) -> VhostUserFrontend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

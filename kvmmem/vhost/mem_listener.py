@@ -25,10 +25,14 @@ from dataclasses import dataclass
 
 from kvmmem.memory import PAGE_SIZE, FlatRange, MemoryListener, RegionKind
 from kvmmem.vhost.frontend import BackendGone, VhostUserError, VhostUserFrontend
-from kvmmem.vhost.messages import (MemoryRegionDesc, ProtocolFeature, Request,
-                                   pack_memory_table)
+from kvmmem.vhost.messages import (
+    MemoryRegionDesc,
+    ProtocolFeature,
+    Request,
+    pack_memory_table,
+)
 
-__all__ = ["VhostMemoryListener", "MirroredRegion"]
+__all__ = ["MirroredRegion", "VhostMemoryListener"]
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,28 @@ import enum
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Request", "ProtocolFeature", "Header", "MemoryRegionDesc", "VringAddr",
-           "HEADER", "VERSION", "FLAG_REPLY", "FLAG_NEED_REPLY", "F_PROTOCOL_FEATURES",
-           "MEMORY_BASELINE_NREGIONS", "VRING_INVALID_FD", "VhostUserProtocolError",
-           "pack_u64", "unpack_u64", "pack_vring_state", "unpack_vring_state",
-           "pack_memory_table", "pack_config", "unpack_config"]
+__all__ = [
+    "FLAG_NEED_REPLY",
+    "FLAG_REPLY",
+    "F_PROTOCOL_FEATURES",
+    "HEADER",
+    "MEMORY_BASELINE_NREGIONS",
+    "VERSION",
+    "VRING_INVALID_FD",
+    "Header",
+    "MemoryRegionDesc",
+    "ProtocolFeature",
+    "Request",
+    "VhostUserProtocolError",
+    "VringAddr",
+    "pack_config",
+    "pack_memory_table",
+    "pack_u64",
+    "pack_vring_state",
+    "unpack_config",
+    "unpack_u64",
+    "unpack_vring_state",
+]
 
 HEADER = struct.Struct("<III")
 VERSION = 0x1                     # flags bits 0-1

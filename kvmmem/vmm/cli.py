@@ -111,11 +111,13 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
                                                                       obj.get("share", "off"))
         backends[obj["id"]] = HostMemory(_size("-object", "size", obj["size"]), obj["id"],
                                          shared=shared)
-    from kvmmem.vmm.cli_vhost import chardevs as _chardevs, ram_backend, vhost_user_blk
+    from kvmmem.vmm.cli_vhost import chardevs as _chardevs
+    from kvmmem.vmm.cli_vhost import ram_backend, vhost_user_blk
 
     chardevs = _chardevs(args.chardev)
     ram_host = ram_backend(args.machine, backends, ram)
-    devices, vhost_devices = [], []
+    devices: list[VirtioMemProps] = []
+    vhost_devices: list[Any] = []
     for text in args.device:
         dev = parse_keyval("-device", text, "driver")
         driver = dev.pop("driver")

@@ -21,7 +21,7 @@ def chardevs(specs: list[str]) -> dict[str, str]:
             raise OptionError("-chardev", "socket needs id= and path=")
         unknown = set(opts) - {"id", "path"}
         if unknown:
-            raise OptionError("-chardev", f"unknown key {sorted(unknown)[0]!r}")
+            raise OptionError("-chardev", f"unknown key {min(unknown)!r}")
         result[opts["id"]] = opts["path"]
     return result
 
@@ -43,7 +43,7 @@ def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int) ->
                 raise OptionError("-device", f"{key} is not a number") from None
     dev_id = dev.pop("id", f"vhost-user-blk{index}")
     if dev:
-        raise OptionError("-device", f"vhost-user-blk: unknown property {sorted(dev)[0]!r}")
+        raise OptionError("-device", f"vhost-user-blk: unknown property {min(dev)!r}")
     try:
         return VhostUserBlkProps(dev_id, chardev, chardevs[chardev],
                                  num_queues=numbers.get("num-queues", 1),
