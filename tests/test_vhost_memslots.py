@@ -218,3 +218,22 @@ def test_qmp_shows_each_consumers_limit_and_use(guest_elf, backend) -> None:  # 
         assert count <= vhost["limit"] - 1          # the device fits the back-end
     finally:
         m.close()
+
+
+def test_private_device_memory_is_refused_and_the_plug_rolled_back(vm, backend) -> None:  # type: ignore[no-untyped-def]
+    mem = machine(vm)
+    vhost = VhostBackends(mem, vm, GuestMemory(mem.address_space))
+    b = vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    with pytest.raises(VhostUserError, match="memory device 'vmem0' memdev 'private' is not shared"):
+        vhost.check_memory_device(HostMemory(GiB, "private"), "vmem0")
+    # past that check (a caller that skipped it): the listener refuses the memslot,
+    # the commit rolls back, KVM and the back-end are as before and the guest gets BUSY
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(16 * GiB, "private"),
+                                   block_size=BLOCK, requested_size=GiB))
+    mem.plug(dev)
+    slots = dict(vm.memslots)
+    assert send(dev, RequestType.PLUG, 0) == "BUSY"
+    assert dict(vm.memslots) == slots and counts(b.frontend) == (1, 0)
+    assert dev.plugged_size == 0 and b.frontend.connected
+    vhost.close()
+    mem.close()

@@ -55,8 +55,11 @@ _HAS_REPLY = frozenset({Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES,
                         Request.GET_MAX_MEM_SLOTS})
 
 
-class VhostUserError(Exception):
-    """The back-end refused a request, answered wrongly or is unusable."""
+class VhostUserError(OSError):
+    """The back-end refused a request, answered wrongly or is unusable.
+
+    An OSError, like the other host-side failures: a memory device whose
+    memslot a back-end refuses answers the guest BUSY and changes nothing."""
 
 
 class BackendGone(VhostUserError):
