@@ -237,3 +237,21 @@ def test_private_device_memory_is_refused_and_the_plug_rolled_back(vm, backend) 
     assert dev.plugged_size == 0 and b.frontend.connected
     vhost.close()
     mem.close()
+
+
+def test_rem_mem_reg_really_frees_the_backends_slot(vm, backend) -> None:  # type: ignore[no-untyped-def]
+    # More map/unmap cycles of one memslot than the back-end has slots: if
+    # REM_MEM_REG did not free the back-end's slot, ADD_MEM_REG would be
+    # refused on the way and the plug answered BUSY.
+    mem = machine(vm)
+    vhost = VhostBackends(mem, vm, GuestMemory(mem.address_space))
+    b = vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    dev = device(16 * GiB, "dynamic", requested=16 * GiB)
+    mem.plug(dev)
+    for _ in range(b.listener.limit + 8):
+        assert send(dev, RequestType.PLUG, 0) == "ACK"
+        assert send(dev, RequestType.UNPLUG, 0) == "ACK"
+    assert counts(b.frontend) == (1 + b.listener.limit + 8, b.listener.limit + 8)
+    assert b.frontend.connected
+    vhost.close()
+    mem.close()

@@ -98,10 +98,9 @@ class VhostMemoryListener(MemoryListener):
             raise RuntimeError(f"vhost listener out of sync: asked to remove {fr}, "
                                f"but {entry[0]} is mapped there")
         if self.incremental:
-            # One fd although the specification says none: libvhost-user
-            # before QEMU 8.1 refuses REM_MEM_REG without exactly one, and
-            # later versions accept (and close) it.
-            self._send(Request.REM_MEM_REG, entry[1].desc.pack_single(), [entry[1].fd])
+            # No fd: the specification says none SHOULD be passed (the
+            # region is found by its addresses and size).
+            self._send(Request.REM_MEM_REG, entry[1].desc.pack_single(), [])
         else:
             self._table_changed = True
         del self._regions[fr.start]
