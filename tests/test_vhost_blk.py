@@ -191,3 +191,48 @@ def test_backend_death_leaves_the_guest_running(guest_elf, tmp_path) -> None:  #
     assert status == 7, lines                     # stopped by the test, not by a crash
     assert reached == [GiB, 2 * GiB, 512 * MiB]
     assert m.transports[1].needs_reset
+
+
+def test_writeback_config_write_reaches_the_backend(irq_vm, backend) -> None:  # type: ignore[no-untyped-def]
+    from kvmmem.vhost.messages import Request as VhostRequest
+    from kvmmem.vhost.messages import pack_config, unpack_config
+
+    mem = machine(irq_vm)
+    gm = GuestMemory(mem.address_space)
+    vhost = VhostBackends(mem, irq_vm, gm)
+    b = vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    transport = vhost.realize("disk0", BASE, GSI)
+    mem.system.add_subregion(BASE, transport.region)
+    drv = HostBlkDriver(transport, gm, ring_gpa=0x100000)
+    wce = 1 << 11
+    drv.setup(features=(1 << 32) | wce)
+    assert transport.read(0x100 + 32, 1) == 0               # qemu-storage-daemon: writethrough
+    transport.write(0x100 + 32, 1, 1)                       # the driver turns writeback on
+    assert transport.read(0x100 + 32, 1) == 1
+    answer = b.frontend.request(VhostRequest.GET_CONFIG, pack_config(0, bytes(60)))
+    assert answer is not None and unpack_config(answer)[1][32] == 1
+    transport.write(0x100 + 0, 4, 1234)                     # capacity is read-only
+    assert int.from_bytes(b.device.read_config(0, 8), "little") == 64 * MiB // SECTOR
+    assert transport.stats["bad_config_access"] == 1
+    vhost.close()
+    mem.close()
+
+
+def test_machine_refuses_a_backend_added_after_the_memslot_decision(guest_elf, backend) -> None:  # type: ignore[no-untyped-def]
+    from kvmmem.vmm.machine import Machine, MachineConfig
+
+    props = VirtioMemProps(id="vmem0", memdev=HostMemory(1024 * GiB, "mem0", shared=True),
+                           block_size=128 * MiB)
+    m = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest_elf),
+                              maxmem=512 * MiB + 1024 * GiB, memory_devices=[props],
+                              ram_backend=HostMemory(512 * MiB, "ram", shared=True)))
+    try:
+        assert m.devices["vmem0"].memslot_size == GiB       # KVM alone: 1024 memslots
+        transports, slots = list(m.transports), dict(m.vm.memslots)
+        with pytest.raises(VhostUserError, match=r"limit \(\d+\) is less than current number of "
+                           r"used \(1\) and reserved \(1024\)"):
+            m.add_vhost_user_blk(VhostUserBlkProps("disk0", "c0", backend.socket))
+        assert m.transports == transports and dict(m.vm.memslots) == slots
+        assert m.vhost.devices == {} and m.memory.budget.consumers == ("kvm",)
+    finally:
+        m.close()

@@ -6,10 +6,22 @@ import struct
 
 import pytest
 
-from kvmmem.vhost.messages import (FLAG_NEED_REPLY, FLAG_REPLY, Header, MemoryRegionDesc,
-                                   Request, VhostUserProtocolError, VringAddr, pack_config,
-                                   pack_memory_table, pack_u64, pack_vring_state, unpack_config,
-                                   unpack_u64, unpack_vring_state)
+from kvmmem.vhost.messages import (
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    Header,
+    MemoryRegionDesc,
+    Request,
+    VhostUserProtocolError,
+    VringAddr,
+    pack_config,
+    pack_memory_table,
+    pack_u64,
+    pack_vring_state,
+    unpack_config,
+    unpack_u64,
+    unpack_vring_state,
+)
 
 
 def test_request_numbers_follow_the_specification() -> None:
