@@ -30,8 +30,8 @@ How the guest sees it (``kvmmem run ... -chardev socket,id=c0,path=SOCK
   CONFIG_WCE), and is passed on with SET_CONFIG;
 - InterruptStatus reads with bit 0 (used buffer) set while the back-end runs
   the queue: completions reach the guest as an irqfd edge the VMM never
-  sees, so the driver must look at the used ring on every interrupt (what
-  Firecracker's vhost-user block device does on virtio-mmio too);
+  sees, so the driver must look at the used ring on every interrupt (Linux's
+  virtio-mmio driver does: it only skips the rings when bit 0 is clear);
 - if the back-end disconnects, the Status register shows DEVICE_NEEDS_RESET
   (0x40) and a configuration-change interrupt is raised; the VM runs on.
 
