@@ -8,6 +8,9 @@ reads and writes the buffers in guest memory it mapped itself.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from vhost_helpers import (
     SECTOR,
@@ -82,6 +85,12 @@ def test_block_io_into_plugged_memory(irq_vm, backend, tmp_path):  # type: ignor
     assert backend.read_image(16 * SECTOR, len(pattern)) == pattern
     assert drv.submit(VIRTIO_BLK_T_IN, 16, dst, len(pattern)) == 0
     assert gm.read(dst, len(pattern)) == pattern
+    # the back-end holds the very eventfds KVM signals (QueueNotify) and is
+    # signalled by (the irqfd): kicks and completions never pass through Python
+    held = backend_eventfds(backend.proc.pid)
+    kick, call = (eventfd_id(os.getpid(), fd) for fd in (transport.notify_fd, transport.irq_fd))
+    assert kick is not None and call is not None and kick != call   # fdinfo eventfd-id: Linux 6.2+
+    assert {kick, call} <= held
     # InterruptStatus shows a used buffer while the back-end runs the queue
     assert transport.read(Reg.INTERRUPT_STATUS, 4) & 1
     transport.reset()
@@ -99,6 +108,20 @@ def test_private_guest_ram_is_refused(irq_vm, backend):  # type: ignore[no-untyp
     assert vhost.devices == {} and mem.budget.consumers == ("kvm",)
     assert dict(irq_vm.memslots) == slots
     mem.close()
+
+
+def eventfd_id(pid: int, fd: int | None) -> int | None:
+    """The kernel's id of an eventfd (``eventfd-id`` in fdinfo), None for other files."""
+    try:
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    ids = [line.split()[1] for line in info.splitlines() if line.startswith("eventfd-id:")]
+    return int(ids[0]) if ids else None
+
+
+def backend_eventfds(pid: int) -> set[int | None]:
+    return {eventfd_id(pid, int(n)) for n in os.listdir(f"/proc/{pid}/fd")}
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
