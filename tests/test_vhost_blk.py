@@ -94,7 +94,13 @@ def test_block_io_into_plugged_memory(irq_vm, backend, tmp_path):  # type: ignor
     # InterruptStatus shows a used buffer while the back-end runs the queue
     assert transport.read(Reg.INTERRUPT_STATUS, 4) & 1
     transport.reset()
-    assert b.frontend.sent["GET_VRING_BASE"] == 1
+    assert b.frontend.sent["GET_VRING_BASE"] == 1 and not b.device.started
+    # after a reset the driver starts over with fresh rings, and I/O works again
+    drv = HostBlkDriver(transport, gm, ring_gpa=0x180000)
+    drv.setup()
+    assert b.frontend.sent["SET_VRING_BASE"] == 2
+    assert drv.submit(VIRTIO_BLK_T_IN, 16, src + 8192, len(pattern)) == 0
+    assert gm.read(src + 8192, len(pattern)) == pattern
     vhost.close()
     mem.close()
 
