@@ -14,7 +14,6 @@ its owner can connect.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import selectors
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
 from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
-                                      StreamError, parse_json)
+                                      StreamError, encode_message, parse_json)
 
 if TYPE_CHECKING:
     from kvmmem.vmm.machine import Machine
@@ -55,10 +54,6 @@ class _Session:
     negotiated: bool = False
     closed: bool = False
     events: int = selectors.EVENT_READ
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message).encode() + b"\r\n"
 
 
 def _error(desc: str, error_class: ErrorClass = ErrorClass.GENERIC) -> dict[str, Any]:
@@ -180,7 +175,7 @@ class QmpServer:
             message["data"] = data
         if len(self._events) == self._events.maxlen:
             self._dropped += 1        # deque drops the oldest; counted, logged by the server
-        self._events.append(_encode(message))
+        self._events.append(encode_message(message))
         self._wake()
 
     def _wake(self) -> None:
@@ -257,7 +252,7 @@ class QmpServer:
         self._sessions.append(session)
         sel.register(sock, selectors.EVENT_READ, session)
         greeting = {"QMP": {"version": version_info(), "capabilities": []}}
-        self._send(sel, session, _encode(greeting))
+        self._send(sel, session, encode_message(greeting))
 
     def _receive(self, sel: selectors.BaseSelector, session: _Session) -> None:
         try:
@@ -272,7 +267,7 @@ class QmpServer:
             return
         for frame in session.splitter.feed(data):
             reply = self._handle(session, frame)
-            self._send(sel, session, _encode(reply))
+            self._send(sel, session, encode_message(reply))
             if session.closed:
                 return
 
