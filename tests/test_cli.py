@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmmem.vmm.cli import OptionError, build_parser, parse_keyval, parse_machine
+from kvmmem.vmm.cli import OptionError, parse_args, parse_keyval, parse_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "build" / "guest" / "guest.elf"
@@ -16,7 +16,7 @@ GiB, MiB = 1 << 30, 1 << 20
 
 
 def config(*argv: str):  # type: ignore[no-untyped-def]
-    return parse_machine(build_parser().parse_args(["-kernel", "k", *argv]), None)
+    return parse_machine(parse_args(["-kernel", "k", *argv]), None)
 
 
 def test_keyval_follows_qemu_spelling() -> None:
@@ -66,8 +66,58 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_refusal_is_one_line_on_stderr() -> None:
     out = run("-m", "512X", "-kernel", "k")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["kvmmem run: -m: size='512X' is not a size "
-                                               "(examples: 512M, 2G)"]
+    assert out.stderr.strip().splitlines() == [
+        "kvmmem run: -m: size='512X' is not a size: expected a non-negative number with an "
+        "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)"]
+
+
+# Every field that takes a size, as (option, the option's text with {} for the value).
+SIZE_FIELDS = [
+    ("-m", "size", ["-m", "{}"]),
+    ("-m", "maxmem", ["-m", "1G,maxmem={}"]),
+    ("-object", "size", ["-m", "1G", "-object", "memory-backend-ram,id=m,size={}"]),
+    ("-device", "size", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size={}"]),
+    ("-device", "block-size", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size={}"]),
+    ("-device", "requested-size", ["-m", "1G,maxmem=9G", "-device",
+                                   "virtio-mem,id=v,size=1G,requested-size={}"]),
+    ("-device", "memaddr", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,memaddr={}"]),
+]
+# Not sizes: Python-isms, overflows, signs, exponents, inf/nan, 2^64 and more, odd digits.
+BAD_SIZES = ["2**70", "1180591620717411303424", "18446744073709551616", "16E", "17179869184G",
+             "infG", "inf", "nanG", "1e30G", "1e3", "-1G", "-1", "+1G", "", "G", "0x", "0x1.8G",
+             "1.5.5G", "1_0G", "\u0661G", "1Q", "0.5", "1G5"]
+
+
+@pytest.mark.parametrize("value", BAD_SIZES)
+@pytest.mark.parametrize("option,key,argv", SIZE_FIELDS, ids=[f"{o}:{k}" for o, k, _ in SIZE_FIELDS])
+def test_every_size_field_refuses_every_bad_size(option: str, key: str, argv: list[str],
+                                                 value: str) -> None:
+    with pytest.raises(OptionError) as info:
+        config(*[a.format(value) for a in argv])
+    assert info.value.option == option
+    assert f"{key}={value!r} is not a size: " in str(info.value)
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["-m", "maxmem=8G"], "-m: Parameter 'size' is missing"),
+    (["-m", "1G", "-object", "id=x"], "-object: Parameter 'qom-type' is missing"),
+    (["-m", "1G", "-device", "id=v"], "-device: Parameter 'driver' is missing"),
+    (["-m", "1G", "-qmp", "server=on"], "-qmp: no socket given: the first item must be unix:PATH"),
+    (["-m", "infG"], "-m: size='infG' is not a size: expected a non-negative number with an "
+                     "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)"),
+    (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1e30G"],
+     "-object: size='1e30G' is not a size: expected a non-negative number with an optional "
+     "suffix B, K, M, G, T, P or E (examples: 512M, 2G)"),
+    (["-m", "1G,maxmem=1180591620717411303424"],
+     "-m: maxmem='1180591620717411303424' is not a size: too large (sizes are below 2^64 "
+     "bytes) (examples: 512M, 2G)"),
+    (["-m", "-1G"], "-m: size='-1G' is not a size: negative sizes are not allowed "
+                    "(examples: 512M, 2G)"),
+])
+def test_bad_options_end_in_one_line_and_status_2_not_a_traceback(argv: list[str],
+                                                                   line: str) -> None:
+    out = run(*argv, "-kernel", "k")
+    assert (out.returncode, out.stderr.splitlines()) == (2, [f"kvmmem run: {line}"])
 
 
 DEVICE = ["-m", "512M,maxmem=8G", "-object", "memory-backend-ram,id=mem0,size=4G",

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
-from kvmmem.vmm.units import parse_size
+from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
@@ -50,8 +50,16 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
 def _size(option: str, key: str, value: str) -> int:
     try:
         return parse_size(value)
-    except ValueError:
-        raise OptionError(option, f"{key}={value!r} is not a size (examples: 512M, 2G)") from None
+    except SizeError as exc:
+        raise OptionError(option, f"{key}={value!r} is not a size: {exc.reason} "
+                                  "(examples: 512M, 2G)") from None
+
+
+def _require(option: str, opts: dict[str, str], key: str) -> str:
+    """The value of a parameter the option cannot do without (QEMU's wording)."""
+    if key not in opts:
+        raise OptionError(option, f"Parameter '{key}' is missing")
+    return opts[key]
 
 
 def _bool(option: str, key: str, value: str) -> bool:
@@ -82,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line as QEMU does: an option that takes a value
+    takes the next word whatever it looks like (``-m -1G`` gives -m the
+    value ``-1G``, refused later as a size, not as a missing argument)."""
+    parser = build_parser()
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs is None
+                   for s in a.option_strings}
+    words, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv):
+            words.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            words.append(argv[i])
+            i += 1
+    return parser.parse_args(words)
+
+
 def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None) -> Any:
     """Turn parsed options into a MachineConfig (HostMemory objects included)."""
     from kvmmem.vmm.machine import MachineConfig
@@ -90,32 +116,53 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     unknown = set(mem) - {"size", "maxmem", "slots"}
     if unknown:
         raise OptionError("-m", f"unknown key {sorted(unknown)[0]!r}")
-    ram = _size("-m", "size", mem["size"])
+    ram = _size("-m", "size", _require("-m", mem, "size"))
     maxmem = _size("-m", "maxmem", mem["maxmem"]) if "maxmem" in mem else None
     try:
         slots = int(mem.get("slots", "0"))
     except ValueError:
         raise OptionError("-m", f"slots={mem['slots']!r} is not a number") from None
-    backends = {}
-    for text in args.object:
-        obj = parse_keyval("-object", text, "qom-type")
-        if obj["qom-type"] not in BACKENDS:
-            raise OptionError("-object", f"{obj['qom-type']!r} is not one of {', '.join(BACKENDS)}")
-        if "id" not in obj or "size" not in obj:
-            raise OptionError("-object", f"{obj['qom-type']} needs id= and size=")
-        shared = obj["qom-type"] == "memory-backend-memfd" or _bool("-object", "share",
-                                                                      obj.get("share", "off"))
-        backends[obj["id"]] = HostMemory(_size("-object", "size", obj["size"]), obj["id"],
-                                         shared=shared)
-    devices = []
-    for text in args.device:
-        dev = parse_keyval("-device", text, "driver")
-        if dev.pop("driver") not in DEVICE_DRIVERS:
-            raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
-        devices.append(_virtio_mem(dev, backends))
+    backends: dict[str, HostMemory] = {}
+    try:
+        for text in args.object:
+            obj_id, size, shared = _backend(text)
+            backends[obj_id] = _allocate(obj_id, size, shared)
+        devices = []
+        for text in args.device:
+            dev = parse_keyval("-device", text, "driver")
+            if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
+                raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
+            del dev["driver"]
+            devices.append(_virtio_mem(dev, backends))
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
                          no_reboot=args.no_reboot)
+
+
+def _backend(text: str) -> tuple[str, int, bool]:
+    """One ``-object memory-backend-...``: its id, size and whether it is shared."""
+    obj = parse_keyval("-object", text, "qom-type")
+    qom_type = _require("-object", obj, "qom-type")
+    if qom_type not in BACKENDS:
+        raise OptionError("-object", f"{qom_type!r} is not one of {', '.join(BACKENDS)}")
+    if "id" not in obj or "size" not in obj:
+        raise OptionError("-object", f"{qom_type} needs id= and size=")
+    shared = qom_type == "memory-backend-memfd" or _bool("-object", "share",
+                                                         obj.get("share", "off"))
+    return obj["id"], _size("-object", "size", obj["size"]), shared
+
+
+def _allocate(obj_id: str, size: int, shared: bool) -> HostMemory:
+    """The backend's memory; a size the host cannot map is the option's fault."""
+    try:
+        return HostMemory(size, obj_id, shared=shared)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise OptionError("-object", f"id={obj_id}: cannot allocate size={size:#x}: "
+                                     f"{exc}") from None
 
 
 def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioMemProps:
@@ -159,7 +206,7 @@ def main(argv: Sequence[str]) -> int:
     from kvmmem.kvm import KvmError
     from kvmmem.vmm.machine import Machine
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         config = parse_machine(args, _serial_sink(args.serial))
         qmp_path = _qmp_path(args.qmp) if args.qmp else None
@@ -191,8 +238,10 @@ def main(argv: Sequence[str]) -> int:
 
 def _qmp_path(spec: str) -> str:
     opts = parse_keyval("-qmp", spec, "path")
+    if "path" not in opts:
+        raise OptionError("-qmp", "no socket given: the first item must be unix:PATH")
     path = opts.pop("path")
-    if not path.startswith("unix:"):
+    if not path.startswith("unix:") or len(path) == 5:
         raise OptionError("-qmp", "only unix:PATH sockets are supported")
     for key, value in opts.items():
         if key not in ("server", "wait"):
