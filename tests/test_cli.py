@@ -140,3 +140,38 @@ def test_no_reboot_exits_when_the_guest_resets() -> None:
     out = run(*DEVICE, "-kernel", str(GUEST), "-append", "kvmmem.reset=1", "-no-reboot")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("resetting") == 1
+
+
+LONG_APPEND = "x" * 5000
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("argv,option,why", [
+    (["-m", "1G,maxmem=512M"], "-m", "maxmem 0x20000000 is below the ram size 0x40000000"),
+    (["-m", "1G,slots=300"], "-m", "slots=300 is outside 0..256"),
+    (["-m", "1G,maxmem=300T"], "-m", "beyond the 0x1000000000000 bytes of guest-physical"),
+    (["-m", "1G", "-kernel", "/nonexistent/vmlinux"], "-kernel", "cannot read kernel"),
+    (["-m", "1G", "-append", LONG_APPEND], "-append", "must be at most 4095 bytes"),
+    (["-m", "1G", "-serial", "file:/nonexistent/serial.log"], "-serial", "cannot open"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=64G"], "-device", "does not fit"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=9E"], "-device",
+     "v-memdev: cannot allocate size=0x9000000000000000"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size=0"], "-device",
+     "'block-size' property has to be at least 0x100000"),
+], ids=["maxmem<ram", "slots", "maxmem-beyond-map", "kernel", "append", "serial", "fit",
+        "device-size", "block-size-0"])
+def test_errors_below_the_command_line_name_their_option(argv: list[str], option: str,
+                                                         why: str) -> None:
+    if "-kernel" not in argv:
+        argv = [*argv, "-kernel", str(GUEST)]
+    out = run(*argv, "-serial", "none") if "-serial" not in argv else run(*argv)
+    lines = out.stderr.splitlines()
+    assert (out.returncode, len(lines)) == (2, 1), out.stderr
+    assert lines[0].startswith(f"kvmmem run: {option}: ") and why in lines[0], lines[0]
+
+
+def test_block_size_zero_is_refused_not_taken_as_the_default() -> None:
+    with pytest.raises(OptionError) as info:
+        config("-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size=0")
+    assert info.value.option == "-device"
+    assert "'block-size' property has to be at least 0x100000" in str(info.value)

@@ -122,11 +122,13 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
         slots = int(mem.get("slots", "0"))
     except ValueError:
         raise OptionError("-m", f"slots={mem['slots']!r} is not a number") from None
+    _check_memory_map(ram, maxmem, slots)
     backends: dict[str, HostMemory] = {}
+    own: list[HostMemory] = []
     try:
         for text in args.object:
             obj_id, size, shared = _backend(text)
-            backends[obj_id] = _allocate(obj_id, size, shared)
+            backends[obj_id] = _allocate("-object", obj_id, size, shared)
         devices = []
         for text in args.device:
             dev = parse_keyval("-device", text, "driver")
@@ -134,13 +136,34 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
                 raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
             del dev["driver"]
             devices.append(_virtio_mem(dev, backends))
+            if "memdev" not in dev and "size" in dev:     # kvmmem's own: memory of its own
+                own.append(_allocate("-device", f"{devices[-1].id}-memdev",
+                                     devices[-1].region_size))
+                devices[-1].memdev = own[-1]
     except BaseException:
-        for backend in backends.values():
+        for backend in [*backends.values(), *own]:
             backend.close()
         raise
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
                          no_reboot=args.no_reboot)
+
+
+def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
+    """The pc memory map ``-m`` asks for, checked before anything is mapped:
+    its rules, and an end the boot page tables can map (QEMU checks maxmem
+    against the CPU's physical address bits the same way)."""
+    from kvmmem.devices.memory_device import MachineMemoryMap, MemoryDeviceError
+    from kvmmem.vmm.boot import MAX_MAP_SIZE
+
+    try:
+        layout = MachineMemoryMap(ram, maxmem, slots)
+    except MemoryDeviceError as exc:
+        raise OptionError("-m", str(exc)) from None
+    end = max(r.end for r in layout.regions())
+    if end > MAX_MAP_SIZE:
+        raise OptionError("-m", f"the memory map ends at {end:#x}, beyond the {MAX_MAP_SIZE:#x} "
+                                "bytes of guest-physical address space the machine maps")
 
 
 def _backend(text: str) -> tuple[str, int, bool]:
@@ -156,13 +179,12 @@ def _backend(text: str) -> tuple[str, int, bool]:
     return obj["id"], _size("-object", "size", obj["size"]), shared
 
 
-def _allocate(obj_id: str, size: int, shared: bool) -> HostMemory:
-    """The backend's memory; a size the host cannot map is the option's fault."""
+def _allocate(option: str, name: str, size: int, shared: bool = False) -> HostMemory:
+    """A backend's memory; a size the host cannot map is the option's fault."""
     try:
-        return HostMemory(size, obj_id, shared=shared)
+        return HostMemory(size, name, shared=shared)
     except (OSError, ValueError, OverflowError) as exc:
-        raise OptionError("-object", f"id={obj_id}: cannot allocate size={size:#x}: "
-                                     f"{exc}") from None
+        raise OptionError(option, f"{name}: cannot allocate size={size:#x}: {exc}") from None
 
 
 def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioMemProps:
@@ -196,7 +218,10 @@ def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
         out = sys.stdout.buffer
         return lambda data: (out.write(data), out.flush())  # type: ignore[func-returns-value]
     if spec.startswith("file:"):
-        handle = open(spec[5:], "ab", buffering=0)
+        try:
+            handle = open(spec[5:], "ab", buffering=0)
+        except OSError as exc:
+            raise OptionError("-serial", f"cannot open {spec[5:]!r}: {exc.strerror}") from None
         return handle.write  # type: ignore[return-value]
     raise OptionError("-serial", f"{spec!r} is not stdio, file:PATH or none")
 
@@ -210,7 +235,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         config = parse_machine(args, _serial_sink(args.serial))
         qmp_path = _qmp_path(args.qmp) if args.qmp else None
-        machine = Machine(config)
+        try:
+            machine = Machine(config)
+        except Exception as exc:
+            option = _option_of(exc)
+            if option is None:
+                raise
+            raise OptionError(option, str(exc)) from None
     except OptionError as exc:
         print(f"kvmmem run: {exc}", file=sys.stderr)
         return 2
@@ -234,6 +265,26 @@ def main(argv: Sequence[str]) -> int:
         if server is not None:
             server.close()
         machine.close()
+
+
+def _option_of(exc: Exception) -> str | None:
+    """The option a machine-building error comes from, None for a host
+    problem (KVM missing, say). The machine is built from the options that
+    parse_machine checked, so what is left are the rules of the parts: the
+    boot layout (-kernel, or -append for the command line), the RAM mapping
+    (-m), and a device that does not fit or cannot be realized (-device)."""
+    from kvmmem.devices.memory_device import MemoryDeviceError
+    from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+    from kvmmem.memory.host import HostMemoryError
+    from kvmmem.vmm.boot import BootError
+
+    if isinstance(exc, BootError):
+        return "-append" if "command line" in str(exc) else "-kernel"
+    if isinstance(exc, HostMemoryError):
+        return "-m" if "'pc.ram'" in str(exc) else "-device"
+    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError)):
+        return "-device"
+    return None
 
 
 def _qmp_path(spec: str) -> str:
