@@ -112,3 +112,39 @@ def test_a_reply_that_cannot_be_strict_json_becomes_an_error() -> None:
         assert reply["id"] == 7 and reply["error"]["class"] == "GenericError"
         assert "not valid JSON" in reply["error"]["desc"]
     assert encode_message({"return": {"a": 1.25}}) == b'{"return": {"a": 1.25}}\r\n'
+
+
+# -- many clients at once (issue 13, point 12) ------------------------------------
+
+def _connect_now(path: str) -> socket.socket:
+    """A connect that does not wait: refused at once if the backlog is full."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@pytest.mark.kvm
+def test_fifty_clients_connecting_at_once_are_all_served(served: Any) -> None:
+    socks, refused = [], 0
+    for _ in range(50):
+        try:
+            socks.append(_connect_now(served.path))
+        except BlockingIOError:            # EAGAIN: the listen backlog was full
+            refused += 1
+    try:
+        assert refused == 0
+        for sock in socks:
+            sock.settimeout(TIMEOUT)
+            reader = sock.makefile("rb")
+            assert "QMP" in strict_loads(reader.readline())
+            sock.sendall(b'{"execute": "qmp_capabilities", "id": 1}')
+            assert strict_loads(reader.readline()) == {"return": {}, "id": 1}
+            reader.close()
+    finally:
+        for sock in socks:
+            sock.close()

@@ -39,6 +39,7 @@ SOCKET_MODE = 0o600
 MAX_OUTPUT = 16 << 20          # a client that reads nothing is dropped past this
 MAX_QUEUED_EVENTS = 65536      # events waiting for the server thread; oldest dropped
 POLL_INTERVAL = 0.05           # seconds; how soon the server notices close()
+BACKLOG = 128                  # pending connections the kernel queues (capped by somaxconn)
 _UNIX_PATH_MAX = 107
 
 
@@ -148,7 +149,7 @@ class QmpServer:
             sock.bind(path)
             os.chmod(path, SOCKET_MODE)
             st = os.stat(path)
-            sock.listen(16)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except BaseException:
             sock.close()
@@ -238,15 +239,21 @@ class QmpServer:
                     self._send(sel, session, event)
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
+        """Take every pending connection, so a burst of clients does not
+        overflow the listen backlog while the server handles one per wake-up."""
         assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:          # out of file descriptors: keep serving the others
-            log.warning("QMP: cannot accept a client: %s", exc)
-            time.sleep(POLL_INTERVAL)
-            return
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:          # out of file descriptors: keep serving the others
+                log.warning("QMP: cannot accept a client: %s", exc)
+                time.sleep(POLL_INTERVAL)
+                return
+            self._greet(sel, sock)
+
+    def _greet(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
         sock.setblocking(False)
         session = _Session(sock, JsonSplitter(self.max_message_size))
         self._sessions.append(session)
