@@ -9,7 +9,12 @@ running unless said) over a real UNIX socket, in-process, or runs
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +22,7 @@ import pytest
 
 MiB, GiB = 1 << 20, 1 << 30
 TIMEOUT = 30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _no_constant(name: str) -> Any:
@@ -148,3 +154,144 @@ def test_fifty_clients_connecting_at_once_are_all_served(served: Any) -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+class Vmm:
+    """``kvmmem run`` with the test guest (idle once it reached its
+    requested size) and a QMP socket, as a subprocess; stderr to a file."""
+
+    def __init__(self, guest: Path, tmp: Path, *extra: str) -> None:
+        self.sock = tmp / "qmp.sock"
+        self.stderr_path = tmp / "vmm.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmmem", "run", "-m", "512M,maxmem=8704M",
+             "-object", "memory-backend-ram,id=mem0,size=4G",
+             "-device", "virtio-mem,id=vmem0,memdev=mem0,requested-size=128M",
+             "-kernel", str(guest), "-serial", "none", *extra,
+             "-qmp", f"unix:{self.sock},server=on,wait=off"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.sock.exists():          # waiting for start-up, not measuring it
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, "the VMM did not create its QMP socket"
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status(self, key: str) -> int:
+        """A ``VmRSS``-like line of /proc/PID/status, in kB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def quit(self) -> int:
+        """``quit`` over QMP; the VMM's exit status."""
+        client = Client(self.sock)
+        assert client.ask(b'{"execute": "quit"}') == {"return": {}}
+        client.close()
+        return self.wait()
+
+    def wait(self) -> int:
+        status = self.proc.wait(TIMEOUT)
+        self._stderr.close()
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        self._stderr.close()
+
+
+@pytest.fixture
+def vmm_factory(guest_elf: Path, tmp_path: Path) -> Iterator[Any]:
+    started: list[Vmm] = []
+
+    def start(*extra: str) -> Vmm:
+        started.append(Vmm(guest_elf, tmp_path, *extra))
+        return started[-1]
+
+    yield start
+    for vmm in started:
+        vmm.kill()
+
+
+# -- a bounded number of clients (issue 13, point 2) ------------------------------
+
+def _first_line(sock: socket.socket) -> tuple[dict[str, Any] | None, bytes]:
+    """The first message on a fresh connection, and what follows it until EOF
+    (or b"..." when the server keeps the connection open)."""
+    sock.settimeout(TIMEOUT)
+    reader = sock.makefile("rb")
+    first = reader.readline()
+    message = strict_loads(first) if first else None
+    if message is not None and "QMP" in message:
+        rest = b"..."                        # greeted: the connection stays open
+    else:
+        rest = reader.read()                 # refused: the server closes it
+    reader.close()
+    return message, rest
+
+
+@pytest.mark.kvm
+def test_clients_beyond_the_limit_are_refused_and_the_others_served(machine: Any,
+                                                                    tmp_path: Path) -> None:
+    from kvmmem.vmm.qmp import QmpServer
+
+    with QmpServer(machine, tmp_path / "qmp.sock", max_clients=3) as server:
+        clients = [Client(Path(server.path)) for _ in range(3)]
+        for _ in range(5):
+            extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.connect(server.path)
+            message, rest = _first_line(extra)
+            extra.close()
+            assert message is not None and rest == b""
+            assert message["error"]["desc"] == "too many QMP clients (the limit is 3); " \
+                                               "try again later"
+        for client in clients:
+            assert client.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+        clients.pop().close()
+        clients.append(Client(Path(server.path)))        # a place is free again
+        assert clients[-1].ask(b'{"execute": "query-version"}')["return"]["package"]
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.kvm
+def test_out_of_file_descriptors_clients_are_refused_and_the_vmm_carries_on(vmm_factory: Any) -> None:
+    vmm = vmm_factory()
+    limit = vmm.fds() + 4           # room for 4 clients, and none for the spare afterwards
+    resource.prlimit(vmm.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    socks = [_connect_now(str(vmm.sock)) for _ in range(40)]
+    answers = [_first_line(sock) for sock in socks]
+    greeted = [s for s, (m, _) in zip(socks, answers) if m is not None and "QMP" in m]
+    refused = [(m, rest) for m, rest in answers if m is None or "error" in m]
+    assert len(greeted) + len(refused) == 40 and 0 < len(greeted) <= 4
+    assert all(rest == b"" for _, rest in refused)                   # closed, not left hanging
+    assert any(m is not None and "no file descriptor left" in m["error"]["desc"]
+               for m, _ in refused)
+    for sock in greeted:
+        sock.close()
+    for _ in range(100):        # "try again later": until the server has seen those go
+        sock = _connect_now(str(vmm.sock))
+        message, _ = _first_line(sock)
+        sock.close()
+        if message is not None and "QMP" in message:
+            break
+        time.sleep(0.05)
+    client = Client(vmm.sock)                                         # works at the limit
+    assert client.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+    client.close()
+    assert vmm.quit() == 0
+    lines = [line for line in vmm.stderr().splitlines() if "QMP" in line]
+    assert 1 <= len(lines) <= len(refused) // 4, lines               # rate-limited

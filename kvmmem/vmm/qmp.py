@@ -14,6 +14,7 @@ its owner can connect.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import selectors
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
+from kvmmem.vmm.qmp_limits import MAX_CLIENTS, OUT_OF_FDS, RateLimitedLog, SpareFd, refuse
 from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
                                       StreamError, encode_message, parse_json)
 
@@ -65,10 +67,16 @@ class QmpServer:
     """Serves QMP for ``machine`` on the UNIX socket ``path``."""
 
     def __init__(self, machine: "Machine", path: str | os.PathLike[str],
-                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 max_clients: int = MAX_CLIENTS) -> None:
         if max_message_size < 1024:
             raise QmpServerError(f"max_message_size {max_message_size} is below 1024 bytes; "
                                  "QMP commands would not fit")
+        if max_clients < 1:
+            raise QmpServerError(f"max_clients {max_clients} must be at least 1")
+        self.max_clients = max_clients
+        self._log = RateLimitedLog(log)
+        self._spare: SpareFd | None = None
         self.machine = machine
         self.path = os.fspath(path)
         self.max_message_size = max_message_size
@@ -90,6 +98,7 @@ class QmpServer:
         if self._thread is not None:
             raise RuntimeError(f"the QMP server on {self.path} is already started")
         self._listener = self._bind()
+        self._spare = SpareFd()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -211,6 +220,8 @@ class QmpServer:
                 self._drop(sel, session)
             sel.close()
             self._listener.close()
+            if self._spare is not None:
+                self._spare.close()
 
     def _ready(self, sel: selectors.BaseSelector, what: object, mask: int) -> None:
         if what == "listen":
@@ -240,18 +251,51 @@ class QmpServer:
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         """Take every pending connection, so a burst of clients does not
-        overflow the listen backlog while the server handles one per wake-up."""
-        assert self._listener is not None
+        overflow the listen backlog while the server handles one per wake-up.
+        Past ``max_clients``, or out of file descriptors, a client is
+        accepted and refused at once: the backlog empties and the listening
+        socket does not stay readable, which would spin this loop."""
+        assert self._listener is not None and self._spare is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # out of file descriptors: keep serving the others
-                log.warning("QMP: cannot accept a client: %s", exc)
-                time.sleep(POLL_INTERVAL)
-                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_FDS:
+                    self._log.warning("QMP: cannot accept a client: %s", exc)
+                    if exc.errno == errno.ECONNABORTED:
+                        continue           # that client is gone; the next one may be there
+                    return
+                if not self._refuse_without_fds(exc):
+                    return
+                continue
+            if len(self._sessions) >= self.max_clients:
+                self._log.warning("QMP: refusing a client: %d clients are connected, the limit",
+                                  len(self._sessions))
+                refuse(sock, f"too many QMP clients (the limit is {self.max_clients}); "
+                             "try again later")
+                continue
             self._greet(sel, sock)
+
+    def _refuse_without_fds(self, exc: OSError) -> bool:
+        """Out of file descriptors: use the spare one to accept the client
+        and refuse it. Whether one was taken from the backlog."""
+        assert self._listener is not None and self._spare is not None
+        self._log.warning("QMP: refusing a client: %s", exc.strerror)
+        if self._spare.release():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                pass
+            else:
+                refuse(sock, "the QMP server has no file descriptor left for another client; "
+                             "try again later")
+                self._spare.take()
+                return True
+        self._spare.take()
+        time.sleep(POLL_INTERVAL)      # no spare: the client stays queued; do not spin on it
+        return False
 
     def _greet(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
         sock.setblocking(False)
