@@ -295,3 +295,88 @@ def test_out_of_file_descriptors_clients_are_refused_and_the_vmm_carries_on(vmm_
     assert vmm.quit() == 0
     lines = [line for line in vmm.stderr().splitlines() if "QMP" in line]
     assert 1 <= len(lines) <= len(refused) // 4, lines               # rate-limited
+
+
+# -- clients that never read (issue 13, point 7) ----------------------------------
+
+def _flood(sock: socket.socket, chunk: bytes, sent: int, budget: int) -> int:
+    """Send copies of ``chunk`` back to back without blocking, carrying on
+    from ``sent`` bytes already sent, until the socket takes no more or
+    ``budget`` more bytes went; the new total (-1 once the server dropped it)."""
+    stop = sent + budget
+    while sent < stop:
+        offset = sent % len(chunk)
+        try:
+            n = sock.send(chunk[offset:], socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return sent
+        except OSError:
+            return -1
+        sent += n
+    return sent
+
+
+@pytest.mark.kvm
+def test_forty_clients_that_never_read_leave_the_vmm_memory_flat(vmm_factory: Any) -> None:
+    """Each of 40 clients sends commands whose replies (60 KB each: the
+    echoed id) it never reads, as much as the VMM takes. The VMM's peak
+    RSS must stay flat: it stops answering a client with 64 KiB unread and
+    holds at most 32 MiB for all of them."""
+    vmm = vmm_factory()
+    good = Client(vmm.sock)
+    before = vmm.status("VmHWM")
+    chunk = b"".join(b'{"execute": "query-status", "id": "%s"}' % (b"x" * 60_000)
+                     for _ in range(4))
+    floods = []
+    for _ in range(40):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(vmm.sock))
+        sock.sendall(b'{"execute": "qmp_capabilities"}')
+        sock.setblocking(False)
+        floods.append([sock, 0])
+    idle_rounds = 0
+    while idle_rounds < 3:
+        progress = False
+        for flood in floods:
+            if flood[1] < 0 or flood[1] >= 24 * MiB:
+                continue
+            total = _flood(flood[0], chunk, flood[1], 256 * 1024)
+            progress |= total != flood[1]
+            flood[1] = total
+        # a round trip: the server has had its turn at every socket since
+        assert good.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+        idle_rounds = 0 if progress else idle_rounds + 1
+    grown = vmm.status("VmHWM") - before
+    assert grown < 96 * 1024, f"peak RSS grew by {grown} kB"     # 650 MB before the bound
+    assert all(total > 0 for _, total in floods)       # each sent, none was dropped for it
+    for sock, _ in floods:
+        sock.close()
+    assert good.ask(b'{"execute": "query-status"}')["return"]["running"]
+    good.close()
+    assert vmm.quit() == 0
+
+
+@pytest.mark.kvm
+def test_clients_that_leave_events_unread_are_dropped_and_readers_kept(machine: Any,
+                                                                       tmp_path: Path) -> None:
+    from kvmmem.vmm.qmp import QmpServer
+
+    with QmpServer(machine, tmp_path / "qmp.sock", max_output=1 * MiB) as server:
+        reader = Client(Path(server.path))
+        sleepers = [Client(Path(server.path)) for _ in range(3)]
+        payload = "e" * 1000
+        for batch in range(40):                 # 40 x 100 events of ~1 KB: 4 MB per client
+            for i in range(100):
+                server.monitor.emit("X_TEST", {"n": batch * 100 + i, "pad": payload})
+            while len(reader.events) < (batch + 1) * 100:
+                message = strict_loads(reader.reader.readline())
+                reader.events.append(message)
+        assert [e["data"]["n"] for e in reader.events] == list(range(4000))
+        assert reader.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+        for sleeper in sleepers:              # what they were sent, then EOF: dropped
+            sleeper.sock.settimeout(TIMEOUT)
+            assert sleeper.reader.read().count(b'"X_TEST"') < 4000
+        assert server.held <= 1 * MiB
+        reader.close()
+        for sleeper in sleepers:
+            sleeper.close()

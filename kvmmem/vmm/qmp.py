@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
-from kvmmem.vmm.qmp_limits import MAX_CLIENTS, OUT_OF_FDS, RateLimitedLog, SpareFd, refuse
+from kvmmem.vmm.qmp_limits import (MAX_CLIENTS, MAX_OUTPUT, OUT_OF_FDS, SUSPEND_AT,
+                                   RateLimitedLog, SpareFd, refuse)
 from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
                                       StreamError, encode_message, parse_json)
 
@@ -38,7 +39,6 @@ __all__ = ["QmpServer", "QmpServerError", "QmpError", "ErrorClass", "MAX_MESSAGE
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o600
-MAX_OUTPUT = 16 << 20          # a client that reads nothing is dropped past this
 MAX_QUEUED_EVENTS = 65536      # events waiting for the server thread; oldest dropped
 POLL_INTERVAL = 0.05           # seconds; how soon the server notices close()
 BACKLOG = 128                  # pending connections the kernel queues (capped by somaxconn)
@@ -54,6 +54,8 @@ class _Session:
     sock: socket.socket
     splitter: JsonSplitter
     out: bytearray = field(default_factory=bytearray)
+    frames: collections.deque[bytes | StreamError] = field(default_factory=collections.deque)
+    """Messages read but not answered yet: the client's replies wait unread."""
     negotiated: bool = False
     closed: bool = False
     events: int = selectors.EVENT_READ
@@ -68,13 +70,16 @@ class QmpServer:
 
     def __init__(self, machine: "Machine", path: str | os.PathLike[str],
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_clients: int = MAX_CLIENTS) -> None:
+                 max_clients: int = MAX_CLIENTS, max_output: int = MAX_OUTPUT) -> None:
         if max_message_size < 1024:
             raise QmpServerError(f"max_message_size {max_message_size} is below 1024 bytes; "
                                  "QMP commands would not fit")
         if max_clients < 1:
             raise QmpServerError(f"max_clients {max_clients} must be at least 1")
         self.max_clients = max_clients
+        self.max_output = max_output
+        self.held = 0
+        """Bytes of replies and events waiting for clients to read them."""
         self._log = RateLimitedLog(log)
         self._spare: SpareFd | None = None
         self.machine = machine
@@ -236,7 +241,8 @@ class QmpServer:
             if mask & selectors.EVENT_READ:
                 self._receive(sel, what)
             if mask & selectors.EVENT_WRITE and not what.closed:
-                self._flush(sel, what)
+                self._write(sel, what)
+                self._work(sel, what)
 
     def _tick(self, sel: selectors.BaseSelector) -> None:
         if self._dropped:
@@ -316,23 +322,42 @@ class QmpServer:
         if not data:              # gone, maybe in the middle of a message: forget it
             self._drop(sel, session)
             return
-        for frame in session.splitter.feed(data):
-            reply = self._handle(session, frame)
+        session.frames.extend(session.splitter.feed(data))
+        self._work(sel, session)
+
+    def _work(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Answer the client's messages while it reads its replies. One that
+        leaves SUSPEND_AT bytes unread is not answered nor read from until it
+        reads them (QEMU's monitor suspends a client the same way), so what
+        it sends waits in its own socket, not in this process."""
+        while session.frames and not session.closed and len(session.out) < SUSPEND_AT:
+            reply = self._handle(session, session.frames.popleft())
             self._send(sel, session, encode_message(reply))
-            if session.closed:
-                return
+        if not session.closed:
+            self._interest(sel, session)
 
     def _send(self, sel: selectors.BaseSelector, session: _Session, data: bytes) -> None:
         if session.closed:
             return
         session.out += data
-        if len(session.out) > MAX_OUTPUT:
-            log.warning("QMP: a client left %d bytes unread; disconnecting it", len(session.out))
-            self._drop(sel, session)
-            return
-        self._flush(sel, session)
+        self.held += len(data)
+        self._write(sel, session)
+        if self.held > self.max_output:
+            self._shed(sel)
+        if not session.closed:
+            self._interest(sel, session)
 
-    def _flush(self, sel: selectors.BaseSelector, session: _Session) -> None:
+    def _shed(self, sel: selectors.BaseSelector) -> None:
+        """All clients together hold more than ``max_output`` unread bytes:
+        drop the ones holding most (each above its fair share) until they fit."""
+        while self.held > self.max_output and self._sessions:
+            victim = max(self._sessions, key=lambda s: len(s.out))
+            self._log.warning("QMP: a client left %d bytes unread (clients may hold %d in "
+                              "all); disconnecting it", len(victim.out), self.max_output)
+            self._drop(sel, victim)
+
+    def _write(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Send what the client's socket takes now."""
         while session.out:
             try:
                 sent = session.sock.send(session.out, socket.MSG_NOSIGNAL)
@@ -343,7 +368,14 @@ class QmpServer:
                 self._drop(sel, session)
                 return
             del session.out[:sent]
-        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if session.out else 0)
+            self.held -= sent
+
+    def _interest(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Read while the client is not suspended; write while output waits."""
+        suspended = bool(session.frames) or len(session.out) >= SUSPEND_AT
+        wanted = (0 if suspended else selectors.EVENT_READ) | \
+            (selectors.EVENT_WRITE if session.out else 0)
+        wanted = wanted or selectors.EVENT_READ         # (never 0: suspended implies output)
         if wanted != session.events:
             sel.modify(session.sock, wanted, session)
             session.events = wanted
@@ -352,6 +384,9 @@ class QmpServer:
         if session.closed:
             return
         session.closed = True
+        self.held -= len(session.out)
+        session.out.clear()
+        session.frames.clear()
         self._sessions.remove(session)
         try:
             sel.unregister(session.sock)

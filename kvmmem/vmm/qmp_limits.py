@@ -1,5 +1,6 @@
-"""What the QMP server lets its clients cost: how many may connect, and a log
-that a flood of failures cannot fill.
+"""What the QMP server lets its clients cost: how many may connect, how much
+unread output they may leave in the process, and a log that a flood of
+failures cannot fill.
 
 A client beyond the limit, or one the process has no file descriptor left
 for, is accepted and closed at once after one error line, so it learns why
@@ -19,6 +20,11 @@ from kvmmem.vmm.qmp_protocol import ErrorClass, encode_message
 
 MAX_CLIENTS = 100
 """Clients connected at once; more are refused (QEMU's chardev takes one)."""
+MAX_OUTPUT = 32 << 20
+"""Bytes of replies and events all clients together may leave unread; past
+it the client holding most is disconnected."""
+SUSPEND_AT = 64 << 10
+"""A client with this much unread is not answered until it reads."""
 LOG_INTERVAL = 5.0
 """Seconds between two lines of the same repeated warning."""
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
