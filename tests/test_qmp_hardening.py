@@ -380,3 +380,74 @@ def test_clients_that_leave_events_unread_are_dropped_and_readers_kept(machine: 
         reader.close()
         for sleeper in sleepers:
             sleeper.close()
+
+
+# -- who owns the socket (issue 13, point 9) --------------------------------------
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+@pytest.mark.kvm
+def test_a_live_listener_with_a_full_backlog_keeps_its_socket(machine: Any, tmp_path: Path) -> None:
+    """Something (not kvmmem: no lock file) listens on the path and does not
+    accept: its backlog is full. A probe cannot connect, yet the socket is live."""
+    from kvmmem.vmm.qmp import QmpServer, QmpServerError
+
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    while True:
+        try:
+            queued.append(_connect_now(str(path)))
+        except BlockingIOError:
+            break                                   # the backlog is full
+    inode = _inode(path)
+    with pytest.raises(QmpServerError, match="another process is serving"):
+        QmpServer(machine, path).start()
+    assert _inode(path) == inode                    # not unlinked, not replaced
+    listener.accept()[0].close()                    # and it is still the listener's
+    for sock in queued:
+        sock.close()
+    listener.close()
+
+
+@pytest.mark.kvm
+def test_the_lock_file_decides_who_serves(machine: Any, tmp_path: Path) -> None:
+    import fcntl
+
+    from kvmmem.vmm.qmp import QmpServer, QmpServerError
+
+    path = tmp_path / "qmp.sock"
+    with QmpServer(machine, path):
+        lock = tmp_path / "qmp.sock.lock"
+        assert lock.exists() and (os.stat(lock).st_mode & 0o777) == 0o600
+        inode = _inode(path)
+        with pytest.raises(QmpServerError, match="another process is serving"):
+            QmpServer(machine, path).start()
+        assert _inode(path) == inode
+        client = Client(path)
+        assert client.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+        client.close()
+    assert not path.exists() and not lock.exists()          # both removed on close
+
+    # A process that holds the lock owns the path even when its socket is
+    # not answering (busy, or between bind and listen): never taken over.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))                                    # a socket nobody listens on
+    stale.close()
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    inode = _inode(path)
+    with pytest.raises(QmpServerError, match="another process is serving"):
+        QmpServer(machine, path).start()
+    assert _inode(path) == inode
+    os.close(held)                                            # its owner is gone: stale now
+    with QmpServer(machine, path):                          # replaced the stale socket
+        client = Client(path)
+        assert client.ask(b'{"execute": "query-status"}')["return"]["running"]
+        client.close()
+    assert not path.exists() and not lock.exists()

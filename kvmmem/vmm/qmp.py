@@ -19,7 +19,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from kvmmem.vmm.qmp_limits import (MAX_CLIENTS, MAX_OUTPUT, OUT_OF_FDS, SUSPEND_
                                    RateLimitedLog, SpareFd, refuse)
 from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
                                       StreamError, encode_message, parse_json)
+from kvmmem.vmm.qmp_socket import QmpServerError, SocketOwner
 
 if TYPE_CHECKING:
     from kvmmem.vmm.machine import Machine
@@ -38,15 +38,8 @@ __all__ = ["QmpServer", "QmpServerError", "QmpError", "ErrorClass", "MAX_MESSAGE
 
 log = logging.getLogger(__name__)
 
-SOCKET_MODE = 0o600
 MAX_QUEUED_EVENTS = 65536      # events waiting for the server thread; oldest dropped
 POLL_INTERVAL = 0.05           # seconds; how soon the server notices close()
-BACKLOG = 128                  # pending connections the kernel queues (capped by somaxconn)
-_UNIX_PATH_MAX = 107
-
-
-class QmpServerError(ValueError):
-    """The server cannot listen where it was asked to."""
 
 
 @dataclass(eq=False)
@@ -90,7 +83,7 @@ class QmpServer:
         self._sessions: list[_Session] = []
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._owner = SocketOwner(self.path)
         self._wake_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._stopping = threading.Event()
@@ -102,7 +95,7 @@ class QmpServer:
         """Listen on the socket (mode 0600) and serve in a background thread."""
         if self._thread is not None:
             raise RuntimeError(f"the QMP server on {self.path} is already started")
-        self._listener = self._bind()
+        self._listener = self._owner.bind()
         self._spare = SpareFd()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -132,7 +125,7 @@ class QmpServer:
                 os.close(fd)
             self._wake_r = self._wake_w = -1
         self._thread = None
-        self._unlink_if_ours()
+        self._owner.release()
 
     def __enter__(self) -> "QmpServer":
         self.start()
@@ -140,44 +133,6 @@ class QmpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _bind(self) -> socket.socket:
-        path = self.path
-        if not path or len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise QmpServerError(f"QMP socket path {path!r} must have 1 to {_UNIX_PATH_MAX} bytes")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise QmpServerError(f"{path} exists and is not a socket; not replacing it")
-            if _is_listening(path):
-                raise QmpServerError(f"{path}: another process is serving on this socket")
-            os.unlink(path)       # left over from a process that is gone, as QEMU does
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # On Linux the socket file takes the socket inode's mode, so the
-            # file is never reachable by others, not even between bind and chmod.
-            os.fchmod(sock.fileno(), SOCKET_MODE)
-            sock.bind(path)
-            os.chmod(path, SOCKET_MODE)
-            st = os.stat(path)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._inode = (st.st_dev, st.st_ino)
-        return sock
-
-    def _unlink_if_ours(self) -> None:
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     # -- events (any thread) ---------------------------------------------------
 
@@ -450,15 +405,3 @@ class QmpServer:
         if name == "qmp_capabilities":
             session.negotiated = True
         return {"return": result}
-
-
-def _is_listening(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
