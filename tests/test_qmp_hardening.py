@@ -451,3 +451,45 @@ def test_the_lock_file_decides_who_serves(machine: Any, tmp_path: Path) -> None:
         assert client.ask(b'{"execute": "query-status"}')["return"]["running"]
         client.close()
     assert not path.exists() and not lock.exists()
+
+
+# -- host signals (issue 13, point 11) --------------------------------------------
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("signum", [2, 15, 1], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_host_signal_shuts_down_once_removes_the_socket_and_exits_0(vmm_factory: Any,
+                                                                     signum: int) -> None:
+    vmm = vmm_factory()
+    client = Client(vmm.sock)
+    assert client.ask(b'{"execute": "query-status"}')["return"]["status"] == "running"
+    os.kill(vmm.pid, signum)
+    rest = [strict_loads(line) for line in client.reader.readlines()]      # until EOF
+    client.close()
+    assert vmm.wait() == 0
+    shutdowns = [m for m in rest if m.get("event") == "SHUTDOWN"]
+    assert [m["data"] for m in shutdowns] == [{"guest": False, "reason": "host-signal"}]
+    assert not vmm.sock.exists() and not Path(f"{vmm.sock}.lock").exists()
+    assert vmm.stderr().splitlines() == [
+        f"kvmmem run: terminating on signal {signum} from pid {os.getpid()}"]
+
+
+def test_duplicate_object_ids_are_refused() -> None:
+    from kvmmem.vmm.cli import OptionError, parse_args, parse_machine
+
+    argv = ["-kernel", "k", "-m", "1G,maxmem=9G",
+            "-object", "memory-backend-ram,id=mem0,size=1G",
+            "-object", "memory-backend-ram,id=mem0,size=2G"]
+    with pytest.raises(OptionError) as info:
+        parse_machine(parse_args(argv), None)
+    assert info.value.option == "-object"
+    assert "attempt to add duplicate property 'mem0'" in str(info.value)
+
+
+def test_duplicate_device_ids_are_refused() -> None:
+    from kvmmem.vmm.cli import OptionError, parse_args, parse_machine
+
+    argv = ["-kernel", "k", "-m", "1G,maxmem=9G",
+            "-device", "virtio-mem,id=v,size=1G", "-device", "virtio-mem,id=v,size=2G"]
+    with pytest.raises(OptionError) as info:
+        parse_machine(parse_args(argv), None)
+    assert (info.value.option, str(info.value)) == ("-device", "-device: Duplicate ID 'v' for device")

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
+from kvmmem.vmm.host_signals import HostSignals
 from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
@@ -128,6 +129,9 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     try:
         for text in args.object:
             obj_id, size, shared = _backend(text)
+            if obj_id in backends:            # QEMU's object_property_try_add() wording
+                raise OptionError("-object", f"attempt to add duplicate property '{obj_id}' to "
+                                             "object (type 'container')")
             backends[obj_id] = _allocate("-object", obj_id, size, shared)
         devices = []
         for text in args.device:
@@ -135,6 +139,8 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
             if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
                 raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
             del dev["driver"]
+            if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
+                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
             devices.append(_virtio_mem(dev, backends))
             if "memdev" not in dev and "size" in dev:     # kvmmem's own: memory of its own
                 own.append(_allocate("-device", f"{devices[-1].id}-memdev",
@@ -227,11 +233,20 @@ def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Parse, build the machine, run it; the guest's exit status is ours."""
+    """Parse, build the machine, run it; the guest's exit status is ours
+    (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
+    args = parse_args(argv)
+    signals = HostSignals()
+    try:
+        return _build_and_run(args, signals)
+    finally:
+        signals.close()
+
+
+def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
     from kvmmem.kvm import KvmError
     from kvmmem.vmm.machine import Machine
 
-    args = parse_args(argv)
     try:
         config = parse_machine(args, _serial_sink(args.serial))
         qmp_path = _qmp_path(args.qmp) if args.qmp else None
@@ -260,6 +275,7 @@ def main(argv: Sequence[str]) -> int:
                 server = None
                 print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
                 return 2
+        signals.attach(machine, server)
         return machine.run()
     finally:
         if server is not None:
