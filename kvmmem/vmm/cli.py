@@ -126,6 +126,7 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     _check_memory_map(ram, maxmem, slots)
     backends: dict[str, HostMemory] = {}
     own: list[HostMemory] = []
+    busy: set[str] = set()                     # memdev ids a device already uses
     try:
         for text in args.object:
             obj_id, size, shared = _backend(text)
@@ -141,6 +142,12 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
             del dev["driver"]
             if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
                 raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
+            memdev = dev.get("memdev")
+            if memdev is not None:
+                if memdev in busy:                        # QEMU's virtio_mem_device_realize()
+                    raise OptionError("-device", "'memdev' property specifies a busy memdev: "
+                                                 f"{memdev}")
+                busy.add(memdev)
             devices.append(_virtio_mem(dev, backends))
             if "memdev" not in dev and "size" in dev:     # kvmmem's own: memory of its own
                 own.append(_allocate("-device", f"{devices[-1].id}-memdev",

@@ -73,6 +73,7 @@ class MachineMemory:
                                     "(start it with maxmem larger than its RAM)")
         if dev.id in self.devices:
             raise MemoryDeviceError(f"a device with id {dev.id!r} is already plugged")
+        self._check_memdev_free(dev)
         split = self._memslot_split(dev, area.size)
         addr = self.device_memory.plug(dev.id, dev.region_size, dev.block_size, dev.props.memaddr)
         try:
@@ -113,6 +114,14 @@ class MachineMemory:
             return MemslotSplit(dev.region_size, 1, 1)
         return memslots_for_device(dev.region_size, dev.block_size, area_size,
                                    self.budget.available(), dev.props.max_memslots)
+
+    def _check_memdev_free(self, dev: VirtioMem) -> None:
+        """A backend serves one device: two would discard each other's
+        plugged memory (QEMU's virtio_mem_device_realize refuses it too)."""
+        for other in self.devices.values():
+            if other.memdev is dev.memdev:
+                raise MemoryDeviceError(f"{dev.id}: 'memdev' property specifies a busy memdev: "
+                                        f"{dev.memdev.name} (already in use by {other.id})")
 
     # -- queries -------------------------------------------------------------
 
