@@ -81,6 +81,7 @@ SIZE_FIELDS = [
     ("-device", "requested-size", ["-m", "1G,maxmem=9G", "-device",
                                    "virtio-mem,id=v,size=1G,requested-size={}"]),
     ("-device", "memaddr", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,memaddr={}"]),
+    ("-machine", "memslot-metadata-limit", ["-m", "1G", "-machine", "pc,memslot-metadata-limit={}"]),
 ]
 # Not sizes: Python-isms, overflows, signs, exponents, inf/nan, 2^64 and more, odd digits.
 BAD_SIZES = ["2**70", "1180591620717411303424", "18446744073709551616", "16E", "17179869184G",
@@ -175,3 +176,23 @@ def test_block_size_zero_is_refused_not_taken_as_the_default() -> None:
         config("-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size=0")
     assert info.value.option == "-device"
     assert "'block-size' property has to be at least 0x100000" in str(info.value)
+
+
+def test_machine_takes_the_memslot_metadata_limit() -> None:
+    assert config("-m", "1G").memslot_metadata_limit is None            # MemTotal / 4
+    assert config("-m", "1G", "-machine", "pc,memslot-metadata-limit=2G") \
+        .memslot_metadata_limit == 2 * GiB
+    assert config("-m", "1G", "-machine", "memslot-metadata-limit=0").memslot_metadata_limit == 0
+    for bad, why in (("q35", "the pc machine only"), ("pc,colour=red", "unknown key")):
+        with pytest.raises(OptionError, match=why):
+            config("-m", "1G", "-machine", bad)
+
+
+@pytest.mark.kvm
+def test_a_device_over_the_metadata_limit_is_refused_in_one_line() -> None:
+    out = run("-m", "1G,maxmem=65G", "-machine", "memslot-metadata-limit=64M",
+              "-device", "virtio-mem,id=v,size=64G,memslots=single", "-kernel", str(GUEST))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("kvmmem run: -device: v: the device would map 64 GiB in 1 "
+                                 "memslot(s), about 160.0 MiB of KVM metadata")
+    assert "exceeds memslot-metadata-limit=64.0 MiB" in out.stderr

@@ -493,3 +493,18 @@ def test_duplicate_device_ids_are_refused() -> None:
     with pytest.raises(OptionError) as info:
         parse_machine(parse_args(argv), None)
     assert (info.value.option, str(info.value)) == ("-device", "-device: Duplicate ID 'v' for device")
+
+
+@pytest.mark.kvm
+def test_qom_set_of_a_requested_size_over_the_metadata_limit_is_refused(vmm_factory: Any) -> None:
+    vmm = vmm_factory("-machine", "memslot-metadata-limit=8M")
+    client = Client(vmm.sock)
+    path = "/machine/peripheral/vmem0"
+    reply = client.ask(json.dumps({"execute": "qom-set", "arguments": {
+        "path": path, "property": "requested-size", "value": 4 * GiB}}).encode())
+    assert reply["error"]["class"] == "GenericError"
+    assert "exceeds memslot-metadata-limit=8.0 MiB" in reply["error"]["desc"]
+    assert client.ask(json.dumps({"execute": "qom-get", "arguments": {
+        "path": path, "property": "requested-size"}}).encode()) == {"return": 128 * MiB}
+    client.close()
+    assert vmm.quit() == 0

@@ -49,6 +49,8 @@ class VirtioMem:
         self.on_config_change: Callable[[], None] | None = None
         self.on_size_change: Callable[[int], None] | None = None
         self.on_memslots_change: Callable[[int], None] | None = None
+        self.admit_requested_size: Callable[[int], None] | None = None
+        """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
         self.driver_features = 0
         self.addr = -1
@@ -251,6 +253,11 @@ class VirtioMem:
         check_requested_size(self.id, size, self.region_size, self.block_size)
         if size == self.requested_size:
             return
+        if self.admit_requested_size is not None:
+            try:
+                self.admit_requested_size(size)
+            except ValueError as exc:
+                raise VirtioMemPropertyError(str(exc)) from None
         old_requested, old_usable = self.requested_size, self.usable_region_size
         self.props.requested_size = size
         if self.realized:

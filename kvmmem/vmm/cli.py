@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", required=True, metavar="SIZE[,maxmem=SIZE][,slots=N]",
                    help="boot RAM, and the device-memory area (maxmem - RAM + 1 GiB per slot)")
+    p.add_argument("-machine", default="pc", metavar="[type=]pc[,memslot-metadata-limit=SIZE]",
+                   help="KVM memslot metadata the memory devices may cost (default: MemTotal/4)")
     p.add_argument("-object", action="append", default=[], metavar="memory-backend-ram,id=ID,size=SIZE")
     p.add_argument("-device", action="append", default=[], metavar="virtio-mem,id=ID,memdev=ID,...")
     p.add_argument("-kernel", required=True, help="ELF64 kernel for the Linux 64-bit boot protocol")
@@ -124,6 +126,7 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     except ValueError:
         raise OptionError("-m", f"slots={mem['slots']!r} is not a number") from None
     _check_memory_map(ram, maxmem, slots)
+    metadata_limit = _machine(args.machine)
     backends: dict[str, HostMemory] = {}
     own: list[HostMemory] = []
     busy: set[str] = set()                     # memdev ids a device already uses
@@ -159,7 +162,20 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
         raise
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
-                         no_reboot=args.no_reboot)
+                         no_reboot=args.no_reboot, memslot_metadata_limit=metadata_limit)
+
+
+def _machine(text: str) -> int | None:
+    """``-machine [type=]pc[,memslot-metadata-limit=SIZE]``: the limit, if given."""
+    opts = parse_keyval("-machine", text, "type")
+    unknown = set(opts) - {"type", "memslot-metadata-limit"}
+    if unknown:
+        raise OptionError("-machine", f"unknown key {sorted(unknown)[0]!r}")
+    if opts.get("type", "pc") != "pc":
+        raise OptionError("-machine", f"type={opts['type']!r}: kvmmem has the pc machine only")
+    if "memslot-metadata-limit" not in opts:
+        return None
+    return _size("-machine", "memslot-metadata-limit", opts["memslot-metadata-limit"])
 
 
 def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
