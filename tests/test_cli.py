@@ -67,8 +67,8 @@ def test_refusal_is_one_line_on_stderr() -> None:
     out = run("-m", "512X", "-kernel", "k")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "kvmmem run: -m: size='512X' is not a size: expected a non-negative number with an "
-        "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)"]
+        ("kvmmem run: -m: size='512X' is not a size: expected a non-negative number with an "
+        "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)")]
 
 
 # Every field that takes a size, as (option, the option's text with {} for the value).
@@ -104,16 +104,16 @@ def test_every_size_field_refuses_every_bad_size(option: str, key: str, argv: li
     (["-m", "1G", "-object", "id=x"], "-object: Parameter 'qom-type' is missing"),
     (["-m", "1G", "-device", "id=v"], "-device: Parameter 'driver' is missing"),
     (["-m", "1G", "-qmp", "server=on"], "-qmp: no socket given: the first item must be unix:PATH"),
-    (["-m", "infG"], "-m: size='infG' is not a size: expected a non-negative number with an "
-                     "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)"),
+    (["-m", "infG"], ("-m: size='infG' is not a size: expected a non-negative number with an "
+                     "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)")),
     (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1e30G"],
-     "-object: size='1e30G' is not a size: expected a non-negative number with an optional "
-     "suffix B, K, M, G, T, P or E (examples: 512M, 2G)"),
+     ("-object: size='1e30G' is not a size: expected a non-negative number with an optional "
+     "suffix B, K, M, G, T, P or E (examples: 512M, 2G)")),
     (["-m", "1G,maxmem=1180591620717411303424"],
-     "-m: maxmem='1180591620717411303424' is not a size: too large (sizes are below 2^64 "
-     "bytes) (examples: 512M, 2G)"),
-    (["-m", "-1G"], "-m: size='-1G' is not a size: negative sizes are not allowed "
-                    "(examples: 512M, 2G)"),
+     ("-m: maxmem='1180591620717411303424' is not a size: too large (sizes are below 2^64 "
+     "bytes) (examples: 512M, 2G)")),
+    (["-m", "-1G"], ("-m: size='-1G' is not a size: negative sizes are not allowed "
+                    "(examples: 512M, 2G)")),
 ])
 def test_bad_options_end_in_one_line_and_status_2_not_a_traceback(argv: list[str],
                                                                    line: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from vmem_helpers import GiB, MiB, PLUG, request, small_machine
+from vmem_helpers import PLUG, GiB, MiB, request, small_machine
 
 from kvmmem.devices.memory_device import MemoryDeviceError
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps

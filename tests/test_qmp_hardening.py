@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -163,7 +164,7 @@ class Vmm:
     def __init__(self, guest: Path, tmp: Path, *extra: str) -> None:
         self.sock = tmp / "qmp.sock"
         self.stderr_path = tmp / "vmm.stderr"
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "wb")     # noqa: SIM115 - the child's, for its life
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvmmem", "run", "-m", "512M,maxmem=8704M",
              "-object", "memory-backend-ram,id=mem0,size=4G",

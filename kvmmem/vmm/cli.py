@@ -137,7 +137,7 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
                 raise OptionError("-object", f"attempt to add duplicate property '{obj_id}' to "
                                              "object (type 'container')")
             backends[obj_id] = _allocate("-object", obj_id, size, shared)
-        devices = []
+        devices: list[VirtioMemProps] = []
         for text in args.device:
             dev = parse_keyval("-device", text, "driver")
             if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
@@ -170,7 +170,7 @@ def _machine(text: str) -> int | None:
     opts = parse_keyval("-machine", text, "type")
     unknown = set(opts) - {"type", "memslot-metadata-limit"}
     if unknown:
-        raise OptionError("-machine", f"unknown key {sorted(unknown)[0]!r}")
+        raise OptionError("-machine", f"unknown key {min(unknown)!r}")
     if opts.get("type", "pc") != "pc":
         raise OptionError("-machine", f"type={opts['type']!r}: kvmmem has the pc machine only")
     if "memslot-metadata-limit" not in opts:

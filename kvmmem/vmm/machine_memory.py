@@ -16,9 +16,9 @@ from kvmmem.devices.memslot_budget import MemslotBudget, MemslotSplit, memslots_
 from kvmmem.devices.memslot_plan import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
-from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
 from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
                            memory_transaction, mtree_info)
+from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
 
 SYSTEM_SIZE = 1 << 64
 
