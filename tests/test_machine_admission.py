@@ -61,7 +61,7 @@ def test_the_command_line_refuses_a_busy_memdev() -> None:
 # -- KVM metadata admission (issue 13, "Also") -------------------------------------
 
 def test_the_estimate_follows_the_mode() -> None:
-    from kvmmem.devices.memslot_plan import MemslotMode
+    from kvmmem.devices.memslot_policy import MemslotMode
     from kvmmem.vmm.memslot_metadata import device_estimate, metadata_estimate
 
     TiB = 1 << 40

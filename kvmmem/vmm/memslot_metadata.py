@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem_proto import usable_region_size
 
 GIB = 1 << 30
