@@ -112,7 +112,7 @@ def test_non_finite_numbers_are_refused_and_replies_stay_strict_json(served: Any
 def test_a_reply_that_cannot_be_strict_json_becomes_an_error() -> None:
     from kvmmem.vmm.qmp_protocol import encode_message
 
-    for value in (float("inf"), float("nan"), [1, {"x": -float("inf")}]):
+    for value in (float("inf"), float("nan"), [1, {"x": -float("inf")}], {1, 2}, b"raw"):
         line = encode_message({"return": value, "id": 7})
         assert line.endswith(b"\r\n")
         reply = strict_loads(line)

@@ -229,11 +229,11 @@ def parse_json(text: bytes) -> Any:
 
 def encode_message(message: dict[str, Any]) -> bytes:
     """One message on the wire: strict JSON (RFC 8259) and ``\\r\\n``. A
-    message that has no strict JSON form (a NaN or an infinity somewhere)
-    becomes a GenericError reply, with the message's ``id`` if it has one."""
+    message that has no strict JSON form (a NaN or an infinity somewhere, or
+    a value JSON has no type for) becomes a GenericError reply, with the message's ``id`` if it has one."""
     try:
         return json.dumps(message, allow_nan=False).encode() + b"\r\n"
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         error: dict[str, Any] = {"error": {"class": str(ErrorClass.GENERIC),
                                            "desc": f"the reply is not valid JSON: {exc}"}}
         try:
