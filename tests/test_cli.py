@@ -183,7 +183,9 @@ def test_machine_takes_the_memslot_metadata_limit() -> None:
     assert config("-m", "1G", "-machine", "pc,memslot-metadata-limit=2G") \
         .memslot_metadata_limit == 2 * GiB
     assert config("-m", "1G", "-machine", "memslot-metadata-limit=0").memslot_metadata_limit == 0
-    for bad, why in (("q35", "the pc machine only"), ("pc,colour=red", "unknown key")):
+    assert config("-m", "1G", "-machine", "pc,accel=kvm").memslot_metadata_limit is None
+    for bad, why in (("q35", "the pc machine only"), ("pc,colour=red", "unknown key"),
+                     ("pc,accel=tcg", "KVM only")):
         with pytest.raises(OptionError, match=why):
             config("-m", "1G", "-machine", bad)
 

@@ -166,13 +166,15 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
 
 
 def _machine(text: str) -> int | None:
-    """``-machine [type=]pc[,memslot-metadata-limit=SIZE]``: the limit, if given."""
+    """``-machine [type=]pc[,accel=kvm][,memslot-metadata-limit=SIZE]``: the limit, if given."""
     opts = parse_keyval("-machine", text, "type")
-    unknown = set(opts) - {"type", "memslot-metadata-limit"}
+    unknown = set(opts) - {"type", "accel", "memslot-metadata-limit"}
     if unknown:
         raise OptionError("-machine", f"unknown key {min(unknown)!r}")
     if opts.get("type", "pc") != "pc":
         raise OptionError("-machine", f"type={opts['type']!r}: kvmmem has the pc machine only")
+    if opts.get("accel", "kvm") != "kvm":
+        raise OptionError("-machine", f"accel={opts['accel']!r}: kvmmem runs on KVM only")
     if "memslot-metadata-limit" not in opts:
         return None
     return _size("-machine", "memslot-metadata-limit", opts["memslot-metadata-limit"])
