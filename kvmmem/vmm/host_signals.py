@@ -57,6 +57,8 @@ class HostSignals:
         if self._thread.ident is not None and self._thread.is_alive():
             signal.pthread_kill(self._thread.ident, signal.SIGHUP)   # ends its sigwaitinfo
         self._thread.join()
+        while signal.sigtimedwait(HOST_SIGNALS, 0) is not None:
+            pass            # one that came while stopping: the VM is ending anyway
         signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
 
     def _wait(self) -> None:
