@@ -74,6 +74,10 @@ class Machine:
 
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
         self.config = config
+        # The only read of the kernel file: the parsed image stays in memory
+        # and every reset loads it from there, as QEMU's rom blobs are copied
+        # back to guest memory on reset (hw/core/loader.c, rom_reset).
+        self.kernel_image = boot.parse_elf64(config.kernel)
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
@@ -104,7 +108,7 @@ class Machine:
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
         self._power_on_state = self._save_cpu_and_irqchip()
-        self.layout = self._load()
+        self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), self._boot_plan())
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
@@ -121,15 +125,22 @@ class Machine:
         parts = ["console=ttyS0"] + [t.linux_cmdline() for t in self.transports]
         return " ".join(parts + ([self.config.cmdline] if self.config.cmdline else []))
 
-    def _load(self) -> boot.BootLayout:
+    def _ram_below_above_4g(self) -> tuple[int, int]:
         layout = self.memory.layout
-        below = layout.ram_below_4g.size if layout.ram_below_4g else 0
-        above = layout.ram_above_4g.size if layout.ram_above_4g else 0
-        area = layout.device_memory
+        return (layout.ram_below_4g.size if layout.ram_below_4g else 0,
+                layout.ram_above_4g.size if layout.ram_above_4g else 0)
+
+    def _ram_writer(self) -> boot.WritePhys:
+        return boot.pc_ram_writer(self.memory.ram_host, self._ram_below_above_4g()[0])
+
+    def _boot_plan(self) -> boot.BootPlan:
+        """What loading the kernel writes (pure: checks only, nothing written)."""
+        below, above = self._ram_below_above_4g()
+        area = self.memory.layout.device_memory
         map_size = max(4 << 30, area.start + area.size if area else 4 << 30,
                        (4 << 30) + above)
-        return boot.boot(self.vcpu, boot.pc_ram_writer(self.memory.ram_host, below),
-                         self.config.kernel, self.cmdline, boot.pc_e820(below, above), map_size)
+        return boot.prepare_boot(self.kernel_image, self.cmdline, boot.pc_e820(below, above),
+                                 map_size)
 
     # -- running -----------------------------------------------------------
 
@@ -262,14 +273,17 @@ class Machine:
 
     def reset(self) -> None:
         """System reset: memory devices unplug everything, transports and
-        UART reset, the kernel is loaded again and the vCPU restarted."""
+        UART reset, the kernel is loaded again from the image read at start
+        and the vCPU restarted. The boot plan is computed before anything
+        changes, so a reset that cannot load the kernel changes nothing."""
+        plan = self._boot_plan()
         self.resets += 1
         self._restore_cpu_and_irqchip(self._power_on_state)
         self.memory.system_reset()
         for transport in self.transports:
             transport.reset()
         self.serial.reset()
-        self.layout = self._load()
+        self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), plan)
         if self.on_reset is not None:
             self.on_reset(self.resets)
 
