@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
-from kvmmem.kvm import Kvm, exits, lib
+from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
 from kvmmem.memory import RegionKind
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
-from kvmmem.vmm import boot
+from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.serial import Serial16550
 
@@ -61,12 +61,21 @@ class UnpluggedAccess:
     is_write: bool
 
 
+INTERNAL_ERROR_STATUS = 1
+"""What :meth:`Machine.run` returns after an internal error when nobody
+(no monitor) asked to keep the stopped machine."""
+
+
 class MachineExit(Exception):
     """Raised inside the run loop to stop the machine with a status."""
 
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class _VcpuStopped(Exception):
+    """Raised inside the run loop when the vCPU cannot go on (internal error)."""
 
 
 class Machine:
@@ -93,6 +102,14 @@ class Machine:
         self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
         """Called after each system reset with the number of resets so far."""
+        self.internal_error: str | None = None
+        """Why the vCPU stopped, while it is stopped on an error (QEMU's
+        ``internal-error`` run state); a reset clears it and runs the guest."""
+        self.on_internal_error: Callable[[str], None] | None = None
+        """Called (vCPU thread, no lock held) when the vCPU stops on an error."""
+        self.stop_on_internal_error = False
+        """Keep the machine, stopped, after an internal error (a monitor can
+        reset or quit it); otherwise :meth:`run` returns INTERNAL_ERROR_STATUS."""
         self.resets = 0
         self.lock = threading.RLock()
         """Held while an exit is handled; other threads (QMP) take it to change devices."""
@@ -101,6 +118,7 @@ class Machine:
         self._running = threading.Event()
         self._running.set()
         self._parked = threading.Event()       # set while run() waits in pause
+        self._park_lock = threading.Lock()     # orders parking and reset requests
         self._run_thread: int | None = None
         _install_kick_handler()
         for index, props in enumerate(config.memory_devices):
@@ -147,11 +165,12 @@ class Machine:
     def request_reset(self) -> None:
         """Reset the machine; safe from any thread. A paused machine is reset
         at once, a running one before its vCPU runs guest code again."""
-        if self._parked.is_set():
-            with self.lock:
-                self.reset()
-            return
-        self._reset_pending = True
+        with self._park_lock:
+            if self._parked.is_set():          # and stays parked until we are done
+                with self.lock:
+                    self.reset()
+                return
+            self._reset_pending = True
         self.vcpu.kick()
 
     def pause(self, timeout: float = 10.0) -> None:
@@ -164,7 +183,10 @@ class Machine:
                 raise TimeoutError("the vCPU did not stop")
 
     def resume(self) -> None:
-        """Run guest code again (QMP ``cont``)."""
+        """Run guest code again (QMP ``cont``); after an internal error only
+        a reset can (QEMU's ``runstate_needs_reset``)."""
+        if self.internal_error is not None:
+            raise RuntimeError("the vCPU stopped on an internal error: reset the machine")
         self._running.set()
 
     @property
@@ -183,23 +205,50 @@ class Machine:
         self._run_thread = threading.get_ident()
         try:
             while self._stop_status is None:
-                if not self._running.is_set():
-                    self._parked.set()
-                    self._running.wait()
-                    self._parked.clear()
+                if self._park_or_reset():
                     continue
-                if self._reset_pending:
+                try:
+                    ex = self.vcpu.run()
+                except KvmError as exc:
+                    self._stop_on_error(fatal_exits.describe(self.vcpu, exc))
+                    continue
+                try:
                     with self.lock:
-                        self._reset_pending = False
-                        self.reset()
-                ex = self.vcpu.run()
-                with self.lock:
-                    self._handle(ex)
+                        self._handle(ex)
+                except _VcpuStopped:           # reported without the lock held
+                    self._stop_on_error(fatal_exits.describe(self.vcpu, ex))
             return self._stop_status
         except MachineExit as stop:
             return stop.status
         finally:
             self._run_thread = None
+
+    def _park_or_reset(self) -> bool:
+        """Do a requested reset, or wait while paused; True when done either."""
+        with self._park_lock:
+            reset, self._reset_pending = self._reset_pending, False
+            park = not reset and not self._running.is_set()
+            if park:
+                self._parked.set()
+        if reset:
+            with self.lock:
+                self.reset()
+        elif park:
+            self._running.wait()
+            with self._park_lock:             # not while request_reset resets
+                self._parked.clear()
+        return reset or park
+
+    def _stop_on_error(self, message: str) -> None:
+        """QEMU's ``vm_stop(RUN_STATE_INTERNAL_ERROR)``: report once, stop the vCPU."""
+        if not self.stop_on_internal_error:
+            log.error("%s; stopping the machine", message)
+            raise MachineExit(INTERNAL_ERROR_STATUS)
+        log.error("%s; the vCPU is stopped (internal-error) until a system reset", message)
+        self.internal_error = message
+        self._running.clear()
+        if self.on_internal_error is not None:
+            self.on_internal_error(message)
 
     def _handle(self, ex: exits.VcpuExit) -> None:
         if isinstance(ex, exits.IoExit):
@@ -207,7 +256,8 @@ class Machine:
         elif isinstance(ex, exits.MmioExit):
             self._mmio(ex)
         elif isinstance(ex, exits.MemoryFaultExit):
-            self._unplugged(ex.gpa, False, fatal=True)
+            self._unplugged(ex.gpa, False)
+            raise _VcpuStopped()
         elif isinstance(ex, exits.ShutdownExit) or (
                 isinstance(ex, exits.SystemEventExit) and ex.type == lib.KVM_SYSTEM_EVENT_RESET):
             self._reboot("triple fault" if isinstance(ex, exits.ShutdownExit) else "reset event")
@@ -215,9 +265,8 @@ class Machine:
             raise MachineExit(0)
         elif isinstance(ex, (exits.HltExit, exits.IntrExit)):
             return
-        else:
-            raise RuntimeError(f"vCPU {self.vcpu.id} stopped: {ex} "
-                               f"at rip {self.vcpu.get_regs().rip:#x}")
+        else:                 # internal error, failed entry, unknown exit: QEMU stops
+            raise _VcpuStopped()
 
     def _port_io(self, ex: exits.IoExit) -> None:
         port = ex.port
@@ -251,7 +300,7 @@ class Machine:
         if not ex.is_write:
             self.vcpu.complete_mmio_read(b"\xff" * ex.length)
 
-    def _unplugged(self, address: int, is_write: bool, fatal: bool = False) -> None:
+    def _unplugged(self, address: int, is_write: bool) -> None:
         owner = next((d.id for d in self.devices.values()
                       if d.addr <= address < d.addr + d.region_size), "")
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
@@ -260,9 +309,6 @@ class Machine:
                     "write" if is_write else "read", address, f" ({owner})" if owner else "")
         if self.on_unplugged_access is not None:
             self.on_unplugged_access(access)
-        if fatal:
-            raise RuntimeError(f"vCPU {access.vcpu}: memory fault at {address:#x}: this host "
-                               "cannot emulate the access (hardware virtualization)")
 
     def _reboot(self, why: str) -> None:
         if self.config.no_reboot:
@@ -278,12 +324,15 @@ class Machine:
         changes, so a reset that cannot load the kernel changes nothing."""
         plan = self._boot_plan()
         self.resets += 1
+        stopped_on_error, self.internal_error = self.internal_error, None
         self._restore_cpu_and_irqchip(self._power_on_state)
         self.memory.system_reset()
         for transport in self.transports:
             transport.reset()
         self.serial.reset()
         self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), plan)
+        if stopped_on_error is not None:      # QEMU leaves internal-error on reset
+            self._running.set()
         if self.on_reset is not None:
             self.on_reset(self.resets)
 

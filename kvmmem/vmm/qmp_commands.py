@@ -88,6 +88,7 @@ class MachineMonitor:
         self._qmp_reset_pending = False
         self._attached = False
         self._chained: list[tuple[object, str, Any, Any]] = []
+        self._stopped_on_error = False
         commands = [
             Command("qmp_capabilities", self._qmp_capabilities, {"*enable": "[str]"}),
             Command("query-commands", lambda a: [{"name": n} for n in sorted(self.commands)]),
@@ -121,6 +122,8 @@ class MachineMonitor:
     def status(self) -> str:
         if self.shut_down:
             return "shutdown"
+        if self.machine.internal_error is not None:
+            return "internal-error"
         return "paused" if self.machine.paused else "running"
 
     # -- events ---------------------------------------------------------------
@@ -133,6 +136,10 @@ class MachineMonitor:
                         lambda size, d=dev: self._size_changed(d, size))
         self._chain(self.machine, "on_unplugged_access", self._unplugged_access)
         self._chain(self.machine, "on_reset", self._reset)
+        self._chain(self.machine, "on_internal_error", self._internal_error)
+        self._chained.append((self.machine, "stop_on_internal_error", True,
+                              self.machine.stop_on_internal_error))
+        self.machine.stop_on_internal_error = True     # a monitor can reset or quit it
 
     def detach(self) -> None:
         """Stop raising events; put back callbacks nobody chained after ours."""
@@ -172,6 +179,15 @@ class MachineMonitor:
         host, self._qmp_reset_pending = self._qmp_reset_pending, False
         self.emit("RESET", {"guest": not host,
                             "reason": "host-qmp-system-reset" if host else "guest-reset"})
+        if self._stopped_on_error and not self.machine.paused:    # running again
+            self._stopped_on_error = False
+            self.emit("RESUME", None)
+
+    def _internal_error(self, message: str) -> None:
+        """The vCPU stopped on an error: QEMU's vm_stop(RUN_STATE_INTERNAL_ERROR)
+        sends STOP; query-status then says internal-error."""
+        self._stopped_on_error = True
+        self.emit("STOP", None)
 
     def notify_shutdown(self, guest: bool = True, reason: str = "guest-shutdown") -> None:
         """The machine stopped: raise SHUTDOWN once."""
@@ -220,7 +236,7 @@ class MachineMonitor:
             self.emit("STOP", None)
 
     def _cont(self, args: dict[str, Any]) -> None:
-        if self.shut_down:
+        if self.shut_down or self.machine.internal_error is not None:
             raise QmpError("Resetting the Virtual Machine is required")
         if self.machine.paused:
             self.machine.resume()
@@ -368,8 +384,11 @@ class MachineMonitor:
         if what == "memory-devices":
             return "".join(_format_memory_device(d["data"])
                            for d in self._query_memory_devices({}))
-        if what == "status":
-            return f"VM status: {self.status}\n"
+        if what == "status":             # QEMU's hmp_info_status
+            status = self.status
+            if status in ("running", "paused"):
+                return f"VM status: {status}\n"
+            return f"VM status: paused ({status})\n"
         if what == "version":
             return f"{__version__} (kvmmem {__version__})\n"
         return f"unknown command: 'info {what}'\n"
