@@ -57,3 +57,12 @@ def first_boot_then(first: bytes, later: bytes) -> bytes:
              + b"\x80\x38\x01")                                   # cmp byte [rax], 1
     assert len(first) < 128
     return count + b"\x75" + bytes([len(first)]) + first + later   # jne later
+
+
+def flood(source: int = LOAD_ADDR, count: int = 4096) -> bytes:
+    """Write the ``count`` bytes at ``source`` to the UART, again and again
+    (``rep outsb``: one exit per page)."""
+    return (b"\x66\xba" + struct.pack("<H", SERIAL_PORT)          # mov dx, 0x3f8
+            + b"\xbe" + struct.pack("<I", source)                 # 1: mov esi, source
+            + b"\xb9" + struct.pack("<I", count)                  # mov ecx, count
+            + b"\xf3\x6e\xeb\xf2")                               # rep outsb; jmp 1

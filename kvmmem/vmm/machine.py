@@ -48,6 +48,8 @@ class MachineConfig:
     cmdline: str = ""
     memory_devices: list[VirtioMemProps] = field(default_factory=list)
     serial: Callable[[bytes], None] | None = None
+    """Takes the UART's output in the vCPU thread, under ``Machine.lock``: it
+    must not block (a sink that does I/O goes through chardev.BufferedOutput)."""
     no_reboot: bool = False
 
 
