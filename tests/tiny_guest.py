@@ -66,3 +66,11 @@ def flood(source: int = LOAD_ADDR, count: int = 4096) -> bytes:
             + b"\xbe" + struct.pack("<I", source)                 # 1: mov esi, source
             + b"\xb9" + struct.pack("<I", count)                  # mov ecx, count
             + b"\xf3\x6e\xeb\xf2")                               # rep outsb; jmp 1
+
+
+def read_forever(pointer: int) -> bytes:
+    """Read, again and again, the 8 bytes at the address stored at ``pointer``
+    (the test writes it to guest RAM before the guest runs)."""
+    return (b"\xb8" + struct.pack("<I", pointer)                  # mov eax, pointer
+            + b"\x48\x8b\x00"                                     # mov rax, [rax]
+            + b"\x48\x8b\x18\xeb\xfb")                            # 1: mov rbx, [rax]; jmp 1

@@ -11,6 +11,7 @@ counted and reported.
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import threading
@@ -26,6 +27,7 @@ from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.serial import Serial16550
+from kvmmem.vmm.unplugged import UnpluggedAccess, UnpluggedAccessLog
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,6 @@ class MachineConfig:
     """Takes the UART's output in the vCPU thread, under ``Machine.lock``: it
     must not block (a sink that does I/O goes through chardev.BufferedOutput)."""
     no_reboot: bool = False
-
-
-@dataclass(frozen=True)
-class UnpluggedAccess:
-    """A guest access to device memory no plugged block backs."""
-
-    device: str
-    address: int
-    vcpu: int
-    is_write: bool
 
 
 INTERNAL_ERROR_STATUS = 1
@@ -100,7 +92,9 @@ class Machine:
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
         self.devices: dict[str, VirtioMem] = {}
         self.transports: list[VirtioMmioTransport] = []
-        self.unplugged_accesses: list[UnpluggedAccess] = []
+        self.unplugged = UnpluggedAccessLog()
+        """Guest accesses to unplugged memory: a count and the most recent ones."""
+        self._warning: str | None = None          # logged once the lock is released
         self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
         """Called after each system reset with the number of resets so far."""
@@ -192,6 +186,11 @@ class Machine:
         self._running.set()
 
     @property
+    def unplugged_accesses(self) -> collections.deque[UnpluggedAccess]:
+        """The most recent guest accesses to unplugged memory, oldest first."""
+        return self.unplugged.recent
+
+    @property
     def paused(self) -> bool:
         return not self._running.is_set()
 
@@ -219,6 +218,10 @@ class Machine:
                         self._handle(ex)
                 except _VcpuStopped:           # reported without the lock held
                     self._stop_on_error(fatal_exits.describe(self.vcpu, ex))
+                finally:
+                    if self._warning is not None:
+                        log.warning("%s", self._warning)
+                        self._warning = None
             return self._stop_status
         except MachineExit as stop:
             return stop.status
@@ -306,9 +309,7 @@ class Machine:
         owner = next((d.id for d in self.devices.values()
                       if d.addr <= address < d.addr + d.region_size), "")
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
-        self.unplugged_accesses.append(access)
-        log.warning("vCPU %d: %s of unplugged/unassigned memory at %#x%s", access.vcpu,
-                    "write" if is_write else "read", address, f" ({owner})" if owner else "")
+        self._warning = self.unplugged.record(access)     # None while rate-limited
         if self.on_unplugged_access is not None:
             self.on_unplugged_access(access)
 

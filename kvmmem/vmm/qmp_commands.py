@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem import __version__
 from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+from kvmmem.vmm.event_throttle import QEMU_RATES, EventThrottle, Rate
 from kvmmem.vmm.qmp_protocol import ErrorClass, QmpError, check_arguments, has_type
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ EmitFn = Callable[[str, "dict[str, Any] | None"], None]
 PERIPHERAL = "/machine/peripheral"
 OBJECTS = "/objects"
 UNPLUGGED_ACCESS_EVENT = "X_KVMMEM_UNPLUGGED_ACCESS"
+EVENT_RATES = {**QEMU_RATES, UNPLUGGED_ACCESS_EVENT: Rate(1.0)}
+"""Events sent at most once a second (per device for size changes), as QEMU does."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class MachineMonitor:
         self._attached = False
         self._chained: list[tuple[object, str, Any, Any]] = []
         self._stopped_on_error = False
+        self._throttle: EventThrottle | None = None
         commands = [
             Command("qmp_capabilities", self._qmp_capabilities, {"*enable": "[str]"}),
             Command("query-commands", lambda a: [{"name": n} for n in sorted(self.commands)]),
@@ -131,6 +135,7 @@ class MachineMonitor:
     def attach(self) -> None:
         """Install the callbacks that raise events, after any already there."""
         self._attached = True
+        self._throttle = EventThrottle(self.emit, EVENT_RATES)
         for dev in self.machine.devices.values():
             self._chain(dev, "on_size_change",
                         lambda size, d=dev: self._size_changed(d, size))
@@ -148,6 +153,14 @@ class MachineMonitor:
             if getattr(owner, attr) is ours:
                 setattr(owner, attr, previous)
         self._chained.clear()
+        if self._throttle is not None:
+            self._throttle.close()
+            self._throttle = None
+
+    def _emit_throttled(self, event: str, data: dict[str, Any]) -> None:
+        throttle = self._throttle
+        if throttle is not None:
+            throttle.emit(event, data)
 
     def _chain(self, owner: object, attr: str, handler: Callable[[Any], None]) -> None:
         previous = getattr(owner, attr)
@@ -164,15 +177,15 @@ class MachineMonitor:
         self._chained.append((owner, attr, chained, previous))
 
     def _size_changed(self, dev: "VirtioMem", size: int) -> None:
-        self.emit("MEMORY_DEVICE_SIZE_CHANGE",
-                  {"id": dev.id, "size": size, "qom-path": f"{PERIPHERAL}/{dev.id}"})
+        self._emit_throttled("MEMORY_DEVICE_SIZE_CHANGE",
+                             {"id": dev.id, "size": size, "qom-path": f"{PERIPHERAL}/{dev.id}"})
 
     def _unplugged_access(self, access: "UnpluggedAccess") -> None:
         data: dict[str, Any] = {}
         if access.device:
             data.update({"device": access.device, "qom-path": f"{PERIPHERAL}/{access.device}"})
         data.update({"address": access.address, "vcpu": access.vcpu, "write": access.is_write})
-        self.emit(UNPLUGGED_ACCESS_EVENT, data)
+        self._emit_throttled(UNPLUGGED_ACCESS_EVENT, data)
 
     def _reset(self, resets: int) -> None:
         """The machine was reset (vCPU thread): raise RESET."""
