@@ -147,7 +147,7 @@ def test_other_fatal_exits_take_the_internal_error_path(tmp_path, caplog, kind: 
     machine, real_run = vmm.machine, vmm.machine.vcpu.run
     stopped = threading.Event()
     machine.stop_on_internal_error = True
-    machine.on_internal_error = lambda message: stopped.set()
+    machine.internal_error_notifiers.add(lambda message: stopped.set())
 
     def run_once_fake() -> exits.VcpuExit:
         machine.vcpu.run = real_run                          # type: ignore[method-assign]

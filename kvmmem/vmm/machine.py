@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
@@ -95,13 +96,13 @@ class Machine:
         self.unplugged = UnpluggedAccessLog()
         """Guest accesses to unplugged memory: a count and the most recent ones."""
         self._warning: str | None = None          # logged once the lock is released
-        self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
-        self.on_reset: Callable[[int], None] | None = None
+        self.unplugged_access_notifiers: Notifier[UnpluggedAccess] = Notifier()
+        self.reset_notifiers: Notifier[int] = Notifier()
         """Called after each system reset with the number of resets so far."""
         self.internal_error: str | None = None
         """Why the vCPU stopped, while it is stopped on an error (QEMU's
         ``internal-error`` run state); a reset clears it and runs the guest."""
-        self.on_internal_error: Callable[[str], None] | None = None
+        self.internal_error_notifiers: Notifier[str] = Notifier()
         """Called (vCPU thread, no lock held) when the vCPU stops on an error."""
         self.stop_on_internal_error = False
         """Keep the machine, stopped, after an internal error (a monitor can
@@ -252,8 +253,7 @@ class Machine:
         log.error("%s; the vCPU is stopped (internal-error) until a system reset", message)
         self.internal_error = message
         self._running.clear()
-        if self.on_internal_error is not None:
-            self.on_internal_error(message)
+        self.internal_error_notifiers.notify(message)
 
     def _handle(self, ex: exits.VcpuExit) -> None:
         if isinstance(ex, exits.IoExit):
@@ -310,8 +310,7 @@ class Machine:
                       if d.addr <= address < d.addr + d.region_size), "")
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
         self._warning = self.unplugged.record(access)     # None while rate-limited
-        if self.on_unplugged_access is not None:
-            self.on_unplugged_access(access)
+        self.unplugged_access_notifiers.notify(access)
 
     def _reboot(self, why: str) -> None:
         if self.config.no_reboot:
@@ -336,8 +335,7 @@ class Machine:
         self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), plan)
         if stopped_on_error is not None:      # QEMU leaves internal-error on reset
             self._running.set()
-        if self.on_reset is not None:
-            self.on_reset(self.resets)
+        self.reset_notifiers.notify(self.resets)
 
     def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
         chips = [self.vm.get_irqchip(chip) for chip in
