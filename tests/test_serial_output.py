@@ -34,13 +34,18 @@ def _small_pipe() -> tuple[int, int]:
     return r, w
 
 
-def _unread(fd: int) -> int:
-    import array
-    import termios
-
-    count = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, count)
-    return count[0]
+def _blocked_in_pipe_write(pid: int, tid: int | None = None) -> bool:
+    """Whether a thread of ``pid`` (or thread ``tid``) sleeps in the kernel's
+    pipe write: the pipe is full and nobody reads it."""
+    tasks = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                if "pipe_write" in f.read():
+                    return True
+        except FileNotFoundError:
+            pass
+    return False
 
 
 def _wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -112,7 +117,8 @@ def test_flooding_guest_into_an_unread_pipe_leaves_qmp_answering(tmp_path, caplo
             client = QmpClient(tmp_path / "qmp.sock")
             thread.start()
             _wait_for(lambda: out.dropped > 0, "guest output to be dropped")
-            assert _unread(r) == 4096                 # the pipe is full: the writer is blocked
+            _wait_for(lambda: _blocked_in_pipe_write(os.getpid(), out._thread.native_id),
+                      "the writer to block on the full pipe")
             for _ in range(20):                       # each takes the machine lock
                 assert client.execute("query-memory-devices") == []
                 assert client.execute("x-query-memslots")
@@ -147,7 +153,7 @@ def test_kvmmem_run_with_serial_stdio_into_an_unread_pipe_still_quits(tmp_path) 
     try:
         _wait_for(lambda: sock.exists() or proc.poll() is not None, "the QMP socket")
         client = QmpClient(sock)
-        _wait_for(lambda: _unread(r) == 4096, "the guest to fill the pipe")
+        _wait_for(lambda: _blocked_in_pipe_write(proc.pid), "the guest to fill the pipe")
         for _ in range(20):
             assert client.execute("query-memory-devices") == []
         assert client.execute("query-status") == {"status": "running", "running": True}
