@@ -54,6 +54,8 @@ class MachineConfig:
     """Takes the UART's output in the vCPU thread, under ``Machine.lock``: it
     must not block (a sink that does I/O goes through chardev.BufferedOutput)."""
     no_reboot: bool = False
+    memslot_metadata_limit: int | None = None
+    """KVM memslot metadata the memory devices may cost; None: MemTotal / 4."""
 
 
 INTERNAL_ERROR_STATUS = 1
@@ -88,7 +90,8 @@ class Machine:
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
-        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots)
+        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots,
+                                    config.memslot_metadata_limit)
         self.guest_memory = GuestMemory(self.memory.address_space)
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
         self.devices: dict[str, VirtioMem] = {}
