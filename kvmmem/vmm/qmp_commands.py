@@ -24,7 +24,8 @@ from kvmmem.vmm.qmp_protocol import ErrorClass, QmpError, check_arguments, has_t
 
 if TYPE_CHECKING:
     from kvmmem.devices.virtio_mem import VirtioMem
-    from kvmmem.vmm.machine import Machine, UnpluggedAccess
+    from kvmmem.vmm.machine import Machine
+    from kvmmem.vmm.unplugged import UnpluggedAccess
 
 
 EmitFn = Callable[[str, "dict[str, Any] | None"], None]
