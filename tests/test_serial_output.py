@@ -170,3 +170,20 @@ def test_kvmmem_run_with_serial_stdio_into_an_unread_pipe_still_quits(tmp_path) 
         if proc.stderr is not None:
             proc.stderr.close()
         os.close(r)
+
+
+def test_a_non_blocking_descriptor_is_waited_for_not_given_up() -> None:
+    r, w = _small_pipe()
+    os.set_blocking(w, False)
+    out = BufferedOutput(fd_writer(w), capacity=64 << 10)
+    try:
+        out(bytes(range(256)) * 64)                   # 16 KiB through a 4 KiB pipe
+        received = bytearray()
+        while len(received) < 16384:
+            received += os.read(r, 4096)
+        assert out.flush(TIMEOUT)
+        assert received == bytes(range(256)) * 64 and out.dropped == 0
+    finally:
+        out.close()
+        os.close(r)
+        os.close(w)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable
 
@@ -29,11 +30,15 @@ CLOSE_TIMEOUT = 1.0
 
 
 def fd_writer(fd: int) -> Callable[[bytes], None]:
-    """A sink that writes everything to ``fd`` (blocking, in the writer thread)."""
+    """A sink that writes everything to ``fd``, waiting (in the writer thread)
+    as long as it takes, also when someone made the descriptor non-blocking."""
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                select.select([], [fd], [])
     return write
 
 
