@@ -34,18 +34,23 @@ def _small_pipe() -> tuple[int, int]:
     return r, w
 
 
-def _blocked_in_pipe_write(pid: int, tid: int | None = None) -> bool:
-    """Whether a thread of ``pid`` (or thread ``tid``) sleeps in the kernel's
-    pipe write: the pipe is full and nobody reads it."""
+def _sleeping_in(what: str, pid: int, tid: int | None = None) -> bool:
+    """Whether a thread of ``pid`` (or thread ``tid``) sleeps in a kernel
+    function whose name has ``what`` (its wchan)."""
     tasks = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/wchan") as f:
-                if "pipe_write" in f.read():
+                if what in f.read():
                     return True
         except FileNotFoundError:
             pass
     return False
+
+
+def _blocked_in_pipe_write(pid: int, tid: int | None = None) -> bool:
+    """The pipe is full and nobody reads it."""
+    return _sleeping_in("pipe_write", pid, tid)
 
 
 def _wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -178,6 +183,9 @@ def test_a_non_blocking_descriptor_is_waited_for_not_given_up() -> None:
     out = BufferedOutput(fd_writer(w), capacity=64 << 10)
     try:
         out(bytes(range(256)) * 64)                   # 16 KiB through a 4 KiB pipe
+        _wait_for(lambda: out.dropped or _sleeping_in("poll", os.getpid(), out._thread.native_id),
+                  "the writer to wait for the full pipe (or to give up)")
+        assert out.dropped == 0
         received = bytearray()
         while len(received) < 16384:
             received += os.read(r, 4096)
