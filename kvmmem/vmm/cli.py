@@ -23,6 +23,7 @@ from kvmmem.vmm.host_signals import HostSignals
 from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
+VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
@@ -82,10 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", required=True, metavar="SIZE[,maxmem=SIZE][,slots=N]",
                    help="boot RAM, and the device-memory area (maxmem - RAM + 1 GiB per slot)")
-    p.add_argument("-machine", default="pc", metavar="[type=]pc[,memslot-metadata-limit=SIZE]",
-                   help="KVM memslot metadata the memory devices may cost (default: MemTotal/4)")
+    p.add_argument("-machine", default="pc",
+                   metavar="[type=]pc[,memslot-metadata-limit=SIZE][,memory-backend=ID]",
+                   help="KVM memslot metadata the memory devices may cost (default: MemTotal/4); "
+                        "boot RAM from a -object (shared, for vhost-user)")
     p.add_argument("-object", action="append", default=[], metavar="memory-backend-ram,id=ID,size=SIZE")
     p.add_argument("-device", action="append", default=[], metavar="virtio-mem,id=ID,memdev=ID,...")
+    p.add_argument("-chardev", action="append", default=[], metavar="socket,id=ID,path=PATH")
     p.add_argument("-kernel", required=True, help="ELF64 kernel for the Linux 64-bit boot protocol")
     p.add_argument("-append", default="", help="kernel command line (after the devices)")
     p.add_argument("-serial", default="stdio", help="stdio, file:PATH or none")
@@ -139,11 +143,22 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
                 raise OptionError("-object", f"attempt to add duplicate property '{obj_id}' to "
                                              "object (type 'container')")
             backends[obj_id] = _allocate("-object", obj_id, size, shared)
+        from kvmmem.vmm.cli_vhost import chardevs as _chardevs
+        from kvmmem.vmm.cli_vhost import ram_backend, vhost_user_blk
+
+        chardevs = _chardevs(args.chardev)
+        ram_host = ram_backend(args.machine, backends, ram, busy)
         devices: list[VirtioMemProps] = []
+        vhost_devices: list[Any] = []
         for text in args.device:
             dev = parse_keyval("-device", text, "driver")
+            if dev.get("driver") in VHOST_DRIVERS:
+                del dev["driver"]
+                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices)))
+                continue
             if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
-                raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
+                raise OptionError("-device", f"only {', '.join(DEVICE_DRIVERS + VHOST_DRIVERS)} "
+                                             "are supported")
             del dev["driver"]
             if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
                 raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
@@ -164,13 +179,15 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
         raise
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
-                         no_reboot=args.no_reboot, memslot_metadata_limit=metadata_limit)
+                         no_reboot=args.no_reboot, memslot_metadata_limit=metadata_limit,
+                         vhost_devices=vhost_devices, ram_backend=ram_host)
 
 
 def _machine(text: str) -> int | None:
-    """``-machine [type=]pc[,accel=kvm][,memslot-metadata-limit=SIZE]``: the limit, if given."""
+    """``-machine [type=]pc[,accel=kvm][,memslot-metadata-limit=SIZE][,memory-backend=ID]``:
+    the limit, if given (memory-backend is taken by ``cli_vhost.ram_backend``)."""
     opts = parse_keyval("-machine", text, "type")
-    unknown = set(opts) - {"type", "accel", "memslot-metadata-limit"}
+    unknown = set(opts) - {"type", "accel", "memslot-metadata-limit", "memory-backend"}
     if unknown:
         raise OptionError("-machine", f"unknown key {min(unknown)!r}")
     if opts.get("type", "pc") != "pc":

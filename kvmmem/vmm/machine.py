@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmmem.devices.notifier import Notifier
+from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
-from kvmmem.memory import RegionKind
+from kvmmem.memory import HostMemory, RegionKind
+from kvmmem.vhost.backends import VhostBackends
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot, fatal_exits
@@ -56,6 +58,8 @@ class MachineConfig:
     no_reboot: bool = False
     memslot_metadata_limit: int | None = None
     """KVM memslot metadata the memory devices may cost; None: MemTotal / 4."""
+    vhost_devices: list[VhostUserBlkProps] = field(default_factory=list)
+    ram_backend: HostMemory | None = None
 
 
 INTERNAL_ERROR_STATUS = 1
@@ -91,8 +95,9 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
         self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots,
-                                    config.memslot_metadata_limit)
+                                    config.memslot_metadata_limit, ram_host=config.ram_backend)
         self.guest_memory = GuestMemory(self.memory.address_space)
+        self.vhost = VhostBackends(self.memory, self.vm, self.guest_memory)
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
         self.devices: dict[str, VirtioMem] = {}
         self.transports: list[VirtioMmioTransport] = []
@@ -121,8 +126,15 @@ class Machine:
         self._park_lock = threading.Lock()     # orders parking and reset requests
         self._run_thread: int | None = None
         _install_kick_handler()
+        # vhost-user back-ends first, so that the memory devices' memslot counts
+        # respect their limits; their virtio-mmio windows come after the memory devices'.
+        for vhost_props in config.vhost_devices:
+            self.vhost.connect(vhost_props)
         for index, props in enumerate(config.memory_devices):
+            self.vhost.check_memory_device(props.memdev, props.id)
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        for vhost_props in config.vhost_devices:
+            self._add_vhost_transport(vhost_props.id)
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
         self._power_on_state = self._save_cpu_and_irqchip()
@@ -135,6 +147,19 @@ class Machine:
                                         name=f"virtio-mmio-{props.id}")
         self.memory.system.add_subregion(base, transport.region)
         self.devices[props.id] = dev
+        self.transports.append(transport)
+
+    def add_vhost_user_blk(self, props: VhostUserBlkProps) -> None:
+        """Add a vhost-user-blk device now (refused, nothing changed, when its back-end
+        cannot hold the memslots in use and reserved); the guest sees it after a reset."""
+        with self.lock:
+            self.vhost.connect(props)
+            self._add_vhost_transport(props.id)
+
+    def _add_vhost_transport(self, dev_id: str) -> None:
+        index = len(self.transports)
+        transport = self.vhost.realize(dev_id, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        self.memory.system.add_subregion(transport.base or 0, transport.region)
         self.transports.append(transport)
 
     @property
@@ -363,6 +388,7 @@ class Machine:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
         for transport in self.transports:
             transport.close()
+        self.vhost.close()
         self.memory.close()
         self.vm.close()
 
