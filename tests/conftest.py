@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -62,7 +62,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 @pytest.fixture
-def kvm() -> Iterator["object"]:
+def kvm() -> Iterator[object]:
     from kvmmem.kvm import Kvm
 
     with Kvm() as handle:
@@ -70,13 +70,13 @@ def kvm() -> Iterator["object"]:
 
 
 @pytest.fixture
-def vm(kvm) -> Iterator["object"]:  # type: ignore[no-untyped-def]
+def vm(kvm) -> Iterator[object]:  # type: ignore[no-untyped-def]
     with kvm.create_vm() as handle:
         yield handle
 
 
 @pytest.fixture
-def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
+def host_buffer() -> Iterator[callable]:  # type: ignore[valid-type]
     """Makes anonymous host mappings (HostMemory) for memslots; unmapped after the test."""
     from kvmmem.memory import HostMemory
 

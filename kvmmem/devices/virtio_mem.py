@@ -28,12 +28,20 @@ from kvmmem.devices.memslot_policy import MemslotChange, MemslotMode, MemslotPol
 from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
+from kvmmem.devices.virtio_mem_props import ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size
 from kvmmem.devices.virtio_mem_proto import (
-    VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, Config,
-    InvalidRange, MalformedRequest, Request, RequestType, Response, usable_region_size,
-    validate_range)
-from kvmmem.devices.virtio_mem_props import (
-    ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size)
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    Config,
+    InvalidRange,
+    MalformedRequest,
+    Request,
+    RequestType,
+    Response,
+    usable_region_size,
+    validate_range,
+)
 from kvmmem.memory.host import HostMemory, HostMemoryError
 from kvmmem.memory.region import MemoryRegion
 

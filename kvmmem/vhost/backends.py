@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from kvmmem.devices.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
 from kvmmem.memory import HostMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.frontend import VhostUserError, VhostUserFrontend
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.mmio import VhostMmioTransport
-from kvmmem.memory.guest_memory import GuestMemory
 
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm

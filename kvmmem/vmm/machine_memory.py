@@ -12,13 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmmem.devices.memory_device import DeviceMemory, MemoryDeviceError
-from kvmmem.devices.memslot_budget import (MemoryDeviceListener, MemslotBudget, MemslotSplit,
-                                           memslots_for_device)
+from kvmmem.devices.memslot_budget import MemoryDeviceListener, MemslotBudget, MemslotSplit, memslots_for_device
 from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
-from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
-                           memory_transaction, mtree_info)
+from kvmmem.memory import AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion, memory_transaction, mtree_info
 from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
 from kvmmem.vmm.pc_layout import MachineMemoryMap
 
