@@ -1,4 +1,5 @@
-"""One test per device rule of the facts file (sections 3 and 4)."""
+"""One test per device rule of virtio-mem (VIRTIO 1.2, 5.15.6.2 Device Requirements)
+and of its memslots (QEMU's virtio-mem.c, multiple memslots)."""
 
 from __future__ import annotations
 

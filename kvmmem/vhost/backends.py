@@ -5,7 +5,7 @@ the libvhost-user of QEMU 7.2, 509 later), usually far below KVM's. When a
 vhost-user device is added, :class:`VhostBackends` connects to its back-end,
 checks that all guest memory is shared, refuses the back-end if it cannot
 hold the RAM ranges mapped now plus the memslots memory devices have
-reserved (QEMU's ``vhost_dev_init``, from the seed's "vhost: Respect
+reserved (QEMU's ``vhost_dev_init``, from the separate-memslots RFC's patch "vhost: Respect
 reserved memslots for memory devices when realizing a vhost device"), then
 attaches its memory listener and registers it with the budget as a consumer,
 so that later memory devices get their memslot count from the minimum over
