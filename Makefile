@@ -29,7 +29,10 @@ $(EXT): $(STAMP) $(CDEFS)
 demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
+# Static checks first (config in pyproject.toml), then the suite.
 test: $(EXT) $(GUEST_ELF)
+	$(PY) -m ruff check
+	$(PY) -m mypy --strict kvmmem
 	$(PY) -m pytest -q
 
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -19,6 +19,11 @@ KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVM
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
+    config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon (qemu-utils)")
+
+
+# Markers of tests that may skip locally but never under CI.
+REQUIRED_UNDER_CI = ("kvm", "vhost")
 
 
 def _kvm_unavailable_reason() -> str | None:
@@ -47,16 +52,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI, any skip of a KVM test (a capability missing, say) fails it."""
+    """Under CI, any skip of a KVM or vhost test (a capability or program missing, say) fails it."""
     outcome = yield
     report = outcome.get_result()
-    if KVM_REQUIRED and report.skipped and item.get_closest_marker("kvm") is not None:
+    if KVM_REQUIRED and report.skipped and any(item.get_closest_marker(m) is not None
+                                               for m in REQUIRED_UNDER_CI):
         report.outcome = "failed"
-        report.longrepr = f"KVM test skipped where KVM is required (CI): {report.longrepr}"
+        report.longrepr = f"test skipped where it is required (CI): {report.longrepr}"
 
 
 @pytest.fixture
-def kvm() -> Iterator["object"]:
+def kvm() -> Iterator[object]:
     from kvmmem.kvm import Kvm
 
     with Kvm() as handle:
@@ -64,13 +70,13 @@ def kvm() -> Iterator["object"]:
 
 
 @pytest.fixture
-def vm(kvm) -> Iterator["object"]:  # type: ignore[no-untyped-def]
+def vm(kvm) -> Iterator[object]:  # type: ignore[no-untyped-def]
     with kvm.create_vm() as handle:
         yield handle
 
 
 @pytest.fixture
-def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
+def host_buffer() -> Iterator[callable]:  # type: ignore[valid-type]
     """Makes anonymous host mappings (HostMemory) for memslots; unmapped after the test."""
     from kvmmem.memory import HostMemory
 

@@ -398,7 +398,7 @@ def test_budget_without_consumers_or_with_a_broken_one() -> None:
         MemslotBudget({"bad": Slots(-1)}).free()
 
 
-# --- memslots per device (the seed's heuristic) -------------------------------------------------
+# --- memslots per device (QEMU's virtio_mem_decide_memslots) -------------------------------------------------
 
 SEED_AREA = 1037 * GiB
 BOOT_SLOTS = 2  # ram-below-4g and ram-above-4g
@@ -407,7 +407,7 @@ BOOT_SLOTS = 2  # ram-below-4g and ram-above-4g
 def test_seed_500g_device_gets_500_memslots_of_1g() -> None:
     split = memslots_for_device(500 * GiB, 2 * MiB, SEED_AREA, KVM_MAX_MEMSLOTS - BOOT_SLOTS)
     assert (split.count, split.memslot_size) == (500, GiB)
-    # as the facts explain: the auto limit is above the 1024 cap ...
+    # the auto limit is above the 1024 cap (virtio_mem_decide_memslots) ...
     assert (KVM_MAX_MEMSLOTS - BOOT_SLOTS) * 500 // 1037 > MAX_MEMSLOTS_PER_DEVICE
     assert split.limit == MAX_MEMSLOTS_PER_DEVICE
     # ... and 500 GiB / 1024 is below the 1 GiB minimum

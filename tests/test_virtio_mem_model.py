@@ -28,7 +28,7 @@ EXTENT = 256 * MiB
 
 
 class Model:
-    """What the facts file says the device must do."""
+    """What the device must do (VIRTIO 1.2, 5.15.6.2; QEMU's virtio-mem.c)."""
 
     def __init__(self, mode: str, base: int) -> None:
         self.mode, self.base = mode, base

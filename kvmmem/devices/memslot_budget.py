@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
 
-from kvmmem.devices.memory_device import (GiB, MemoryDeviceError, MemslotBudgetError,
-                                          _check_int)
+from kvmmem.devices.memory_device import GiB, MemoryDeviceError, MemslotBudgetError, _check_int
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
 from kvmmem.memory.address_space import MemoryListener
 from kvmmem.memory.flatview import FlatRange

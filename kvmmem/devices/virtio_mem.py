@@ -29,12 +29,20 @@ from kvmmem.devices.memslot_policy import MemslotChange, MemslotMode, MemslotPol
 from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
+from kvmmem.devices.virtio_mem_props import ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size
 from kvmmem.devices.virtio_mem_proto import (
-    VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, Config,
-    InvalidRange, MalformedRequest, Request, RequestType, Response, usable_region_size,
-    validate_range)
-from kvmmem.devices.virtio_mem_props import (
-    ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size)
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    Config,
+    InvalidRange,
+    MalformedRequest,
+    Request,
+    RequestType,
+    Response,
+    usable_region_size,
+    validate_range,
+)
 from kvmmem.memory.host import HostMemory, HostMemoryError
 from kvmmem.memory.region import MemoryRegion
 
@@ -62,6 +70,8 @@ class VirtioMem:
         self.memdev = props.memdev or HostMemory(props.region_size, name=f"{props.id}-memdev")
         self.config_change_notifiers: Notifier[None] = Notifier()
         self.size_change_notifiers: Notifier[int] = Notifier()
+        self.admit_requested_size: Callable[[int], None] | None = None
+        """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
         self.driver_features = 0
         self.addr = -1
@@ -329,6 +339,11 @@ class VirtioMem:
         check_requested_size(self.id, size, self.region_size, self.block_size)
         if size == self.requested_size:
             return
+        if self.admit_requested_size is not None:
+            try:
+                self.admit_requested_size(size)
+            except ValueError as exc:
+                raise VirtioMemPropertyError(str(exc)) from None
         old_requested, old_usable = self.requested_size, self.usable_region_size
         self.props.requested_size = size
         if self.realized:

@@ -44,6 +44,7 @@ class Transaction:
         self.changes: list[Change | None] = []
         self.replaying = False
         self.updating = False           # listeners are being called
+        self._place: Callable[[Change], Placement | None] | None = None
         # Weak references by space id, in creation order; a space that dies
         # removes its entry (a plain dict: cheaper to walk on every commit
         # than a WeakValueDictionary).
@@ -90,9 +91,13 @@ class Transaction:
     def _placements(self) -> list[tuple[Change, Placement]] | None:
         """Where each change of this commit shows, or None if one cannot be
         vouched for (then every address space is rendered again)."""
-        # incremental.py works on regions, which journal into this module:
-        # imported here, not at the top, so that region.py can import this one.
-        from kvmmem.memory.incremental import place
+        if self._place is None:
+            # incremental.py works on regions, which journal into this module:
+            # imported at the first commit, not at the top, so that region.py
+            # can import this module.
+            from kvmmem.memory.incremental import place as incremental_place
+            self._place = incremental_place
+        place = self._place
         out = []
         for change in self.changes:
             if change is None:

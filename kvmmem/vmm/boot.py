@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.kvm import x86
 from kvmmem.memory.guest_memory import GuestMemory, GuestMemoryError
@@ -48,7 +49,7 @@ __all__ = [
     "BootError", "BootLayout", "BootPlan", "ElfImage", "ElfSegment", "WritePhys",
     "E820_RAM", "E820_RESERVED", "GDT_ADDR", "ZERO_PAGE_ADDR", "STACK_TOP", "CMDLINE_ADDR",
     "CMDLINE_MAX", "parse_elf64", "load_elf64", "build_zero_page", "prepare_boot",
-    "set_boot_registers", "boot", "guest_writer",
+    "set_boot_registers", "boot", "apply_boot", "guest_writer",
 ]
 
 WritePhys = Callable[[int, bytes], None]
@@ -342,7 +343,7 @@ def prepare_boot(kernel: bytes | str | os.PathLike[str] | ElfImage, cmdline: str
     return BootPlan(layout, tuple(writes))
 
 
-def set_boot_registers(vcpu: "Vcpu", layout: BootLayout) -> None:
+def set_boot_registers(vcpu: Vcpu, layout: BootLayout) -> None:
     """Put ``vcpu`` at the kernel's 64-bit entry as the protocol says."""
     from kvmmem.kvm import ffi
 
@@ -358,12 +359,16 @@ def set_boot_registers(vcpu: "Vcpu", layout: BootLayout) -> None:
     vcpu.set_regs(regs)
 
 
-def boot(vcpu: "Vcpu", write_phys: WritePhys, kernel: bytes | str | os.PathLike[str] | ElfImage,
+def boot(vcpu: Vcpu, write_phys: WritePhys, kernel: bytes | str | os.PathLike[str] | ElfImage,
          cmdline: str | bytes, e820: Sequence[tuple[int, int, int]], map_size: int) -> BootLayout:
     """Load ``kernel``, write the loader's structures and set ``vcpu`` up
     for its 64-bit entry; ``map_size`` is the end of the identity map (the
     end of device memory, at least 4 GiB). Returns where things went."""
-    plan = prepare_boot(kernel, cmdline, e820, map_size)
+    return apply_boot(vcpu, write_phys, prepare_boot(kernel, cmdline, e820, map_size))
+
+
+def apply_boot(vcpu: Vcpu, write_phys: WritePhys, plan: BootPlan) -> BootLayout:
+    """Write a checked plan to guest memory and set ``vcpu`` up for its entry."""
     for addr, data in plan.writes:
         write_phys(addr, data)
     set_boot_registers(vcpu, plan.layout)
