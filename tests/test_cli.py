@@ -51,6 +51,9 @@ def test_options_build_the_machine_config() -> None:
       "-device", "virtio-mem,id=v,memdev=m,block-size=3M"], "-device", "power of two"),
     (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1G",
       "-device", "virtio-mem,id=v,memdev=m,memslots=some"], "-device", "must be one of"),
+    # QMP names a device by its id (/machine/peripheral/ID); not a Python TypeError
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,memdev=m"], "-device", "virtio-mem needs id="),
 ])
 def test_bad_options_are_refused_naming_the_option(argv, option: str, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(OptionError) as info:

@@ -40,10 +40,28 @@ def test_vhost_options_build_the_config() -> None:
     (["-machine", "memory-backend=ram"], "-machine", "no -object with that id"),
     (["-object", "memory-backend-memfd,id=ram,size=2G", "-machine", "memory-backend=ram"],
      "-machine", "-m asks for"),
+    # QEMU's qemu_opts_create(): chardev ids are unique
+    (["-chardev", "socket,id=c0,path=/x", "-chardev", "socket,id=c0,path=/y"],
+     "-chardev", "Duplicate ID 'c0' for chardev"),
+    # QEMU's qdev_prop_set_chr(): a chardev serves one device (a second front-end
+    # would wait on a back-end that serves one connection at a time)
+    (["-chardev", "socket,id=c0,path=/x", "-device", "vhost-user-blk,chardev=c0,id=d0",
+      "-device", "vhost-user-blk,chardev=c0,id=d1"],
+     "-device", "Property 'vhost-user-blk.chardev' can't take value 'c0', it's in use"),
+    # device ids are one namespace, whatever the driver
+    (["-chardev", "socket,id=c0,path=/x", "-chardev", "socket,id=c1,path=/y",
+      "-device", "vhost-user-blk,chardev=c0,id=d0", "-device", "vhost-user-blk,chardev=c1,id=d0"],
+     "-device", "Duplicate ID 'd0' for device"),
+    (["-object", "memory-backend-ram,id=mem0,size=1G", "-device", "virtio-mem,id=d0,memdev=mem0",
+      "-chardev", "socket,id=c0,path=/x", "-device", "vhost-user-blk,chardev=c0,id=d0"],
+     "-device", "Duplicate ID 'd0' for device"),
+    (["-chardev", "socket,id=c0,path=/x", "-device", "vhost-user-blk,chardev=c0,id=d0",
+      "-object", "memory-backend-ram,id=mem0,size=1G", "-device", "virtio-mem,id=d0,memdev=mem0"],
+     "-device", "Duplicate ID 'd0' for device"),
 ])
 def test_bad_vhost_options_are_refused(argv, option: str, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(OptionError) as info:
-        config("-m", "1G", *argv)
+        config("-m", "1G,maxmem=3G", *argv)
     assert info.value.option == option and why in str(info.value)
 
 

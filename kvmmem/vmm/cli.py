@@ -150,18 +150,25 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
         ram_host = ram_backend(args.machine, backends, ram, busy)
         devices: list[VirtioMemProps] = []
         vhost_devices: list[Any] = []
+        ids: set[str] = set()                  # one namespace for every -device id
         for text in args.device:
             dev = parse_keyval("-device", text, "driver")
+            if dev.get("id") in ids:                          # QEMU's qemu_opts_create()
+                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
             if dev.get("driver") in VHOST_DRIVERS:
                 del dev["driver"]
-                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices)))
+                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices),
+                                                    {v.chardev for v in vhost_devices}))
+                ids.add(vhost_devices[-1].id)
                 continue
             if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
                 raise OptionError("-device", f"only {', '.join(DEVICE_DRIVERS + VHOST_DRIVERS)} "
                                              "are supported")
             del dev["driver"]
-            if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
-                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
+            if "id" not in dev:
+                raise OptionError("-device", "virtio-mem needs id= (QMP names the device "
+                                             "/machine/peripheral/ID)")
+            ids.add(dev["id"])
             memdev = dev.get("memdev")
             if memdev is not None:
                 if memdev in busy:                        # QEMU's virtio_mem_device_realize()
