@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from test_cli import config, run
+from test_cli import ROOT, config, run
 from vhost_helpers import MiB, start_backend
 
 from kvmmem.vmm.cli import OptionError
@@ -110,3 +115,35 @@ def test_a_backend_that_is_not_there_is_refused_in_one_line(tmp_path: Path, gues
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot connect to the vhost-user back-end" in lines[0], out.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.vhost
+def test_a_busy_backend_is_one_line_and_a_signal_while_waiting_for_it_exits_0(
+        tmp_path: Path, guest_elf: Path) -> None:
+    """qemu-storage-daemon serves one front-end at a time: while another holds
+    it, the handshake times out. That is one line and status 1; a SIGTERM
+    taken while waiting is QEMU's shutdown: its one line and status 0."""
+    backend = start_backend(tmp_path)
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(backend.socket)              # the daemon's one client, silent
+    argv = [sys.executable, "-m", "kvmmem", "run", "-m", "512M",
+            "-object", "memory-backend-memfd,id=ram,size=512M", "-machine", "memory-backend=ram",
+            "-chardev", f"socket,id=c0,path={backend.socket}",
+            "-device", "vhost-user-blk,chardev=c0,id=disk0", "-kernel", str(guest_elf)]
+    try:
+        waiting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        signalled = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        time.sleep(2)                           # both are building their machine
+        signalled.send_signal(signal.SIGTERM)
+        _, waiting_err = waiting.communicate(timeout=120)
+        _, signalled_err = signalled.communicate(timeout=120)
+    finally:
+        holder.close()
+        backend.kill()
+    lines = waiting_err.strip().splitlines()
+    assert waiting.returncode == 1 and len(lines) == 1, waiting_err
+    assert "GET_FEATURES failed" in lines[0], waiting_err
+    lines = signalled_err.strip().splitlines()
+    assert signalled.returncode == 0, signalled_err
+    assert len(lines) == 1 and "terminating on signal 15" in lines[0], signalled_err

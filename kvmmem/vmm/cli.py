@@ -308,12 +308,11 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
             if option is None:
                 raise
             raise OptionError(option, str(exc)) from None
-    except OptionError as exc:
+    except (OptionError, KvmError, ValueError, OSError) as exc:
+        if signals.received is not None:    # SIGTERM while building (waiting on a back-end,
+            return 0                        # say): QEMU's shutdown, its one line said already
         print(f"kvmmem run: {exc}", file=sys.stderr)
-        return 2
-    except (KvmError, ValueError, OSError) as exc:
-        print(f"kvmmem run: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, OptionError) else 1
     server = None
     try:
         if qmp_path is not None:
