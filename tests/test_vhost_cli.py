@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -10,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from qmp_client import QmpClient
 from test_cli import ROOT, config, run
 from vhost_helpers import MiB, start_backend
 
 from kvmmem.vmm.cli import OptionError
 
-GiB = 1 << 30
+GiB, TiB = 1 << 30, 1 << 40
 
 
 def test_vhost_options_build_the_config() -> None:
@@ -147,3 +149,64 @@ def test_a_busy_backend_is_one_line_and_a_signal_while_waiting_for_it_exits_0(
     lines = signalled_err.strip().splitlines()
     assert signalled.returncode == 0, signalled_err
     assert len(lines) == 1 and "terminating on signal 15" in lines[0], signalled_err
+
+
+def _plugged(client: QmpClient, size: int) -> None:
+    """Wait until the guest reports ``size`` plugged (the last size is always sent)."""
+    while client.wait_event("MEMORY_DEVICE_SIZE_CHANGE")["data"]["size"] != size:
+        pass
+
+
+@pytest.mark.kvm
+@pytest.mark.vhost
+def test_the_readme_disk_next_to_virtio_mem_resets_and_ends_on_sigterm(
+        tmp_path: Path, guest_elf: Path) -> None:
+    """The README's vhost-user-blk command with a monitor: the budget it quotes,
+    a system_reset with the back-end connected, and SIGTERM: one SHUTDOWN,
+    the socket and its lock file removed, status 0."""
+    backend = start_backend(tmp_path)
+    qmp = tmp_path / "qmp.sock"
+    vm = subprocess.Popen(
+        [sys.executable, "-m", "kvmmem", "run", "-m", "4G,maxmem=1028G,slots=4",
+         "-object", "memory-backend-memfd,id=ram,size=4G", "-machine", "memory-backend=ram",
+         "-object", "memory-backend-memfd,id=mem0,size=1T",
+         "-device", "virtio-mem,id=vmem0,memdev=mem0,requested-size=2G",
+         "-chardev", f"socket,id=c0,path={backend.socket}",
+         "-device", "vhost-user-blk,chardev=c0,id=disk0",
+         "-kernel", str(guest_elf), "-serial", f"file:{tmp_path / 'serial.txt'}",
+         "-qmp", f"unix:{qmp},server=on,wait=off"],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not qmp.exists() and vm.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = QmpClient(qmp)
+        for _ in range(2):                                  # booted, then after a reset
+            _plugged(client, 2 * GiB)
+            kvm, disk = client.execute("x-query-memslot-consumers")
+            mapped = client.execute("qom-get", path="vmem0", property="mapped-memslots")
+            slot = client.execute("qom-get", path="vmem0", property="memslot-size")
+            count = TiB // slot
+            assert disk["connected"] is True and mapped == 1
+            assert (kvm["used"], kvm["reserved"]) == (disk["used"], disk["reserved"]) == \
+                (2 + mapped, count - mapped)                # boot RAM below and above 4 GiB
+            if "7.2" in backend.version():                  # the README's numbers
+                assert (disk["limit"], slot, disk["used"], disk["reserved"]) == (32, 64 * GiB, 3, 15)
+            assert client.execute("system_reset") == {}
+            client.wait_event("RESET")
+        _plugged(client, 2 * GiB)
+        vm.send_signal(signal.SIGTERM)
+        shutdowns = []
+        with pytest.raises(AssertionError, match="connection closed"):
+            while True:
+                shutdowns.append(client.wait_event("SHUTDOWN"))
+        client.close()
+        _, err = vm.communicate(timeout=60)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+        backend.kill()
+    assert [e["data"] for e in shutdowns] == [{"guest": False, "reason": "host-signal"}]
+    assert vm.returncode == 0, err
+    assert err.strip().splitlines() == [f"kvmmem run: terminating on signal 15 from pid {os.getpid()}"]
+    assert not qmp.exists() and not Path(f"{qmp}.lock").exists()
