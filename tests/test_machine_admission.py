@@ -58,6 +58,22 @@ def test_the_command_line_refuses_a_busy_memdev() -> None:
     assert str(info.value) == "-device: 'memdev' property specifies a busy memdev: mem0"
 
 
+@pytest.mark.kvm
+def test_a_node_the_machine_does_not_have_is_refused_and_nothing_changes(vm: Any) -> None:
+    """The pc machine has one NUMA node; QEMU's virtio_mem_device_realize()
+    refuses a 'node' beyond the machine's nodes (the guest would be told to
+    add the memory to a node it does not have)."""
+    machine = small_machine(vm)
+    before = _state(machine)
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(GiB, "mem0"), node=5))
+    with pytest.raises(MemoryDeviceError) as info:
+        machine.plug(dev)
+    assert str(info.value) == ("vmem0: 'node' property has value '5', which exceeds the number "
+                               "of numa nodes: 1")
+    assert _state(machine) == before and not dev.realized
+    machine.close()
+
+
 # -- KVM metadata admission (issue 13, "Also") -------------------------------------
 
 def test_the_estimate_follows_the_mode() -> None:
