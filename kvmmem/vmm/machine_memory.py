@@ -152,7 +152,8 @@ class MachineMemory:
         others = sum(estimate(d, d.memslot_size, d.requested_size)[0]
                      for i, d in self.devices.items() if i != dev.id)
         if new[0] > old and others + new[0] > self.metadata_limit:
-            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit))
+            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit,
+                                            dev.props.memslots))
 
     def _check_memdev_free(self, dev: VirtioMem) -> None:
         """A backend serves one device: two would discard each other's
