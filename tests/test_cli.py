@@ -51,6 +51,13 @@ def test_options_build_the_machine_config() -> None:
       "-device", "virtio-mem,id=v,memdev=m,block-size=3M"], "-device", "power of two"),
     (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1G",
       "-device", "virtio-mem,id=v,memdev=m,memslots=some"], "-device", "must be one of"),
+    # QEMU's id_wellformed(): an id names a QOM child, so no '/' and not empty
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=,size=1G"], "-object",
+     "Parameter 'id' expects an identifier"),
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,id=a/b,memdev=m"], "-device", "Parameter 'id' expects an identifier"),
+    (["-m", "1G", "-chardev", "socket,id=1c,path=/x"], "-chardev",
+     "Parameter 'id' expects an identifier"),
     # QMP names a device by its id (/machine/peripheral/ID); not a Python TypeError
     (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=m,size=1G",
       "-device", "virtio-mem,memdev=m"], "-device", "virtio-mem needs id="),

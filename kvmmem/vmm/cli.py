@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ from kvmmem.vmm.units import SizeError, parse_size
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
 
@@ -48,6 +50,9 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
         if not key or key in result:
             raise OptionError(option, f"{key or item!r} is empty or given twice")
         result[key] = value
+    if "id" in result and not _ID.fullmatch(result["id"]):     # QEMU's id_wellformed()
+        raise OptionError(option, "Parameter 'id' expects an identifier (letters, digits, "
+                                  "'-', '.', '_', starting with a letter)")
     return result
 
 
