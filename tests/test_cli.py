@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +211,24 @@ def test_a_device_over_the_metadata_limit_is_refused_in_one_line() -> None:
     assert out.stderr.startswith("kvmmem run: -device: v: the device would map 64 GiB in 1 "
                                  "memslot(s), about 160.0 MiB of KVM metadata")
     assert "exceeds memslot-metadata-limit=64.0 MiB" in out.stderr
+
+
+def test_sigterm_while_the_machine_is_built_ends_the_process(tmp_path: Path) -> None:
+    """-serial file: on a FIFO nobody reads blocks in open() while the machine
+    is built; SIGTERM then must end kvmmem run as it ends QEMU (one line,
+    status 0), not leave it blocked with the signal taken and ignored."""
+    fifo = tmp_path / "serial.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "kvmmem", "run", "-m", "64M",
+                             "-kernel", str(GUEST), "-serial", f"file:{fifo}"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        time.sleep(2)                           # blocked opening the FIFO
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines() == [f"kvmmem run: terminating on signal 15 from pid {os.getpid()}"]

@@ -320,6 +320,7 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
         return 2 if isinstance(exc, OptionError) else 1
     server = None
     try:
+        signals.attach(machine, None)           # from now on a signal stops the machine
         if qmp_path is not None:
             from kvmmem.vmm.qmp import QmpServer
 
