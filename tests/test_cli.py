@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -232,3 +233,21 @@ def test_sigterm_while_the_machine_is_built_ends_the_process(tmp_path: Path) -> 
             proc.communicate()
     assert proc.returncode == 0, err
     assert err.strip().splitlines() == [f"kvmmem run: terminating on signal 15 from pid {os.getpid()}"]
+
+
+@pytest.mark.parametrize("kernel", ["/dev/zero", "fifo"])
+def test_a_kernel_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Path,
+                                                                    kernel: str) -> None:
+    """-kernel /dev/zero was read without end (a MemoryError traceback, or the
+    host's memory); a FIFO blocked in open(). Both are one line, status 2.
+    (The address-space limit keeps a regression from taking the host's memory.)"""
+    if kernel == "fifo":
+        kernel = str(tmp_path / "kernel.fifo")
+        os.mkfifo(kernel)
+    limit = 4 << 30
+    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", kernel],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"kvmmem run: -kernel: cannot read kernel {kernel!r}: "
+                                               "not a regular file"]

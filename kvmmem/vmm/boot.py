@@ -34,6 +34,7 @@ layout conflict raises :class:`BootError` and guest memory stays untouched.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -158,11 +159,20 @@ def _read_image(image: bytes | bytearray | memoryview | str | os.PathLike[str]) 
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
+        # O_NONBLOCK: a FIFO must not block open(); only a regular file has an
+        # end to read to (/dev/zero has none)
         try:
-            with open(image, "rb") as f:
-                return f.read()
+            fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise BootError(f"cannot read kernel {os.fspath(image)!r}: {exc.strerror}") from None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BootError(f"cannot read kernel {os.fspath(image)!r}: not a regular file")
+            try:
+                return f.read()
+            except OSError as exc:
+                raise BootError(f"cannot read kernel {os.fspath(image)!r}: "
+                                f"{exc.strerror}") from None
     raise TypeError(f"a kernel is bytes or a path, not {type(image).__name__}")
 
 
