@@ -251,3 +251,12 @@ def test_a_kernel_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Pa
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [f"kvmmem run: -kernel: cannot read kernel {kernel!r}: "
                                                "not a regular file"]
+
+
+def test_an_append_that_is_not_utf8_reaches_the_guest_byte_for_byte() -> None:
+    """argv is bytes; -append "\\xff" was refused with a Python codec error."""
+    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", str(GUEST),
+                          "-serial", "stdio", "-append", os.fsdecode(b"kvmmem.steps=0 x=\xff")],
+                         capture_output=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 1 and out.stderr == b"", out.stderr   # the guest's exit 0
+    assert b'cmdline "console=ttyS0 kvmmem.steps=0 x=\xff"' in out.stdout, out.stdout

@@ -316,7 +316,8 @@ def prepare_boot(kernel: bytes | str | os.PathLike[str] | ElfImage, cmdline: str
                  e820: Sequence[tuple[int, int, int]], map_size: int) -> BootPlan:
     """Check everything and compute what :func:`boot` writes (pure)."""
     elf = kernel if isinstance(kernel, ElfImage) else parse_elf64(kernel)
-    raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+    # surrogateescape: the bytes of a command line from argv come back as given
+    raw = cmdline.encode("utf-8", "surrogateescape") if isinstance(cmdline, str) else bytes(cmdline)
     if len(raw) > CMDLINE_MAX or b"\0" in raw:
         raise BootError(f"the command line must be at most {CMDLINE_MAX} bytes without NULs "
                         f"(got {len(raw)} bytes)")
