@@ -11,7 +11,6 @@ sector the guest reports holds the pattern, and nothing else was written.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -58,8 +57,8 @@ def storage_daemon(tmp_path: Path) -> Iterator[StorageDaemon]:
         process = subprocess.Popen(
             [qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}",
              "--blockdev", "driver=raw,node-name=disk0,file=file0",
-             "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-                         f"addr.path={sock},writable=on"],
+             "--export", (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                          f"addr.path={sock},writable=on")],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
