@@ -19,6 +19,11 @@ KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVM
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
+    config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon (qemu-utils)")
+
+
+# Markers of tests that may skip locally but never under CI.
+REQUIRED_UNDER_CI = ("kvm", "vhost")
 
 
 def _kvm_unavailable_reason() -> str | None:
@@ -47,12 +52,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI, any skip of a KVM test (a capability missing, say) fails it."""
+    """Under CI, any skip of a KVM or vhost test (a capability or program missing, say) fails it."""
     outcome = yield
     report = outcome.get_result()
-    if KVM_REQUIRED and report.skipped and item.get_closest_marker("kvm") is not None:
+    if KVM_REQUIRED and report.skipped and any(item.get_closest_marker(m) is not None
+                                               for m in REQUIRED_UNDER_CI):
         report.outcome = "failed"
-        report.longrepr = f"KVM test skipped where KVM is required (CI): {report.longrepr}"
+        report.longrepr = f"test skipped where it is required (CI): {report.longrepr}"
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from kvmmem.memory import HostMemory
 from kvmmem.vmm.units import parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
+VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot RAM, and the device-memory area (maxmem - RAM + 1 GiB per slot)")
     p.add_argument("-object", action="append", default=[], metavar="memory-backend-ram,id=ID,size=SIZE")
     p.add_argument("-device", action="append", default=[], metavar="virtio-mem,id=ID,memdev=ID,...")
+    p.add_argument("-chardev", action="append", default=[], metavar="socket,id=ID,path=PATH")
+    p.add_argument("-machine", default=None, metavar="memory-backend=ID",
+                   help="boot RAM from a -object memory backend (shared for vhost-user)")
     p.add_argument("-kernel", required=True, help="ELF64 kernel for the Linux 64-bit boot protocol")
     p.add_argument("-append", default="", help="kernel command line (after the devices)")
     p.add_argument("-serial", default="stdio", help="stdio, file:PATH or none")
@@ -107,15 +111,27 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
                                                                       obj.get("share", "off"))
         backends[obj["id"]] = HostMemory(_size("-object", "size", obj["size"]), obj["id"],
                                          shared=shared)
-    devices = []
+    from kvmmem.vmm.cli_vhost import chardevs as _chardevs
+    from kvmmem.vmm.cli_vhost import ram_backend, vhost_user_blk
+
+    chardevs = _chardevs(args.chardev)
+    ram_host = ram_backend(args.machine, backends, ram)
+    devices: list[VirtioMemProps] = []
+    vhost_devices: list[Any] = []
     for text in args.device:
         dev = parse_keyval("-device", text, "driver")
-        if dev.pop("driver") not in DEVICE_DRIVERS:
-            raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
+        driver = dev.pop("driver")
+        if driver in VHOST_DRIVERS:
+            vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices)))
+            continue
+        if driver not in DEVICE_DRIVERS:
+            raise OptionError("-device", f"only {', '.join(DEVICE_DRIVERS + VHOST_DRIVERS)} "
+                              "are supported")
         devices.append(_virtio_mem(dev, backends))
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
-                         no_reboot=args.no_reboot)
+                         no_reboot=args.no_reboot, vhost_devices=vhost_devices,
+                         ram_backend=ram_host)
 
 
 def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioMemProps:
@@ -157,6 +173,7 @@ def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
 def main(argv: Sequence[str]) -> int:
     """Parse, build the machine, run it; the guest's exit status is ours."""
     from kvmmem.kvm import KvmError
+    from kvmmem.vhost.frontend import VhostUserError
     from kvmmem.vmm.machine import Machine
 
     args = build_parser().parse_args(argv)
@@ -167,7 +184,7 @@ def main(argv: Sequence[str]) -> int:
     except OptionError as exc:
         print(f"kvmmem run: {exc}", file=sys.stderr)
         return 2
-    except (KvmError, ValueError, OSError) as exc:
+    except (KvmError, ValueError, OSError, VhostUserError) as exc:
         print(f"kvmmem run: {exc}", file=sys.stderr)
         return 1
     server = None

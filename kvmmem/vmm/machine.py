@@ -17,10 +17,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
-from kvmmem.memory import RegionKind
+from kvmmem.memory import HostMemory, RegionKind
+from kvmmem.vhost.backends import VhostBackends
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot
@@ -49,6 +51,8 @@ class MachineConfig:
     memory_devices: list[VirtioMemProps] = field(default_factory=list)
     serial: Callable[[bytes], None] | None = None
     no_reboot: bool = False
+    vhost_devices: list[VhostUserBlkProps] = field(default_factory=list)
+    ram_backend: HostMemory | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,10 @@ class Machine:
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
-        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots)
+        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots,
+                                    config.ram_backend)
         self.guest_memory = GuestMemory(self.memory.address_space)
+        self.vhost = VhostBackends(self.memory, self.vm, self.guest_memory)
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
         self.devices: dict[str, VirtioMem] = {}
         self.transports: list[VirtioMmioTransport] = []
@@ -99,8 +105,15 @@ class Machine:
         self._parked = threading.Event()       # set while run() waits in pause
         self._run_thread: int | None = None
         _install_kick_handler()
+        # vhost-user back-ends first, so that the memory devices' memslot counts
+        # respect their limits; their virtio-mmio windows come after the memory devices'.
+        for vhost_props in config.vhost_devices:
+            self.vhost.connect(vhost_props)
         for index, props in enumerate(config.memory_devices):
+            self.vhost.check_memory_device(props.memdev, props.id)
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        for vhost_props in config.vhost_devices:
+            self._add_vhost_transport(vhost_props.id)
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
         self._power_on_state = self._save_cpu_and_irqchip()
@@ -113,6 +126,19 @@ class Machine:
                                         name=f"virtio-mmio-{props.id}")
         self.memory.system.add_subregion(base, transport.region)
         self.devices[props.id] = dev
+        self.transports.append(transport)
+
+    def add_vhost_user_blk(self, props: VhostUserBlkProps) -> None:
+        """Add a vhost-user-blk device now (refused, nothing changed, when its back-end
+        cannot hold the memslots in use and reserved); the guest sees it after a reset."""
+        with self.lock:
+            self.vhost.connect(props)
+            self._add_vhost_transport(props.id)
+
+    def _add_vhost_transport(self, dev_id: str) -> None:
+        index = len(self.transports)
+        transport = self.vhost.realize(dev_id, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        self.memory.system.add_subregion(transport.base or 0, transport.region)
         self.transports.append(transport)
 
     @property
@@ -296,6 +322,7 @@ class Machine:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
         for transport in self.transports:
             transport.close()
+        self.vhost.close()
         self.memory.close()
         self.vm.close()
 

@@ -36,12 +36,18 @@ class DeviceMemslot:
 class MachineMemory:
     """Boot RAM, device memory and memory devices of one VM."""
 
-    def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0) -> None:
+    def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0,
+                 ram_host: HostMemory | None = None) -> None:
+        """``ram_host`` backs boot RAM (QEMU's ``-machine memory-backend=ID``; shared
+        for vhost-user); without it boot RAM is private anonymous memory."""
+        if ram_host is not None and ram_host.size != ram_size:
+            raise MemoryDeviceError(f"the RAM size {ram_size:#x} does not match the size "
+                                    f"{ram_host.size:#x} of memory backend '{ram_host.name}'")
         self.vm = vm
         self.layout = MachineMemoryMap(ram_size, maxmem, slots)
         self.budget = MemslotBudget({"kvm": lambda: vm.free_memslots})
         self.device_memory = DeviceMemory.for_machine(self.layout)
-        self.ram_host = HostMemory(ram_size, "pc.ram")
+        self.ram_host = ram_host or HostMemory(ram_size, "pc.ram")
         self.system = MemoryRegion.container("system", SYSTEM_SIZE)
         self.pc_ram = MemoryRegion.ram("pc.ram", self.ram_host)
         self.devices: dict[str, VirtioMem] = {}

@@ -96,6 +96,8 @@ class MachineMonitor:
                                                "running": self.status == "running"}),
             Command("query-memory-devices", self._query_memory_devices),
             Command("x-query-memslots", self._query_memslots),
+            Command("x-query-memslot-consumers",
+                    lambda a: self._locked(self.machine.vhost.consumers)),
             Command("qom-list", self._qom_list, {"path": "str"}),
             Command("qom-get", self._qom_get, {"path": "str", "property": "str"}),
             Command("qom-set", self._qom_set, {"path": "str", "property": "str", "value": "any"}),
