@@ -181,3 +181,30 @@ def test_kvmmem_run_guest_block_io(tmp_path: Path, guest_elf: Path, backend: Bac
     sectors = [int(m[2]) for m in map(ROUND.fullmatch, lines) if m]
     assert len(sectors) == 2 and "blk: 2 rounds done" in lines
     check_image(backend.image, sectors)
+
+
+def test_backend_dying_mid_run_is_seen_by_the_guest_as_needs_reset(guest_elf: Path,
+                                                                     backend: Backend) -> None:
+    """The back-end is killed after round 0: the guest's virtio-mem requests go on,
+    its next block request ends in DEVICE_NEEDS_RESET, and the VMM keeps running."""
+    guest = BlkGuest(guest_elf, backend, "dynamic")
+    on_line = guest.on_line
+    at_error: list[tuple[int, int]] = []      # plugged size, the disk's Status register
+
+    def kill_after_round_0(line: str) -> None:
+        on_line(line)
+        if line.startswith("blk round 0:"):
+            backend.kill()
+        if line.startswith("error:"):
+            assert transport is not None
+            at_error.append((guest.dev.plugged_size, transport.read(0x70, 4)))
+
+    guest.on_line = kill_after_round_0  # type: ignore[method-assign]
+    block, transport = guest.dev.block_size, guest.vhost.transport
+    status = guest.run()
+    assert "error: virtio-blk device needs reset" in guest.lines, "\n".join(guest.lines)
+    assert status == 3                        # the guest wrote 1 to port 0xf4
+    assert len(guest.rounds) == 1 and not guest.failures
+    # round 1's blocks were plugged after the death; the disk shows DEVICE_NEEDS_RESET
+    assert len(at_error) == 1 and at_error[0][0] == 2 * block and at_error[0][1] & 0x40
+    check_image(backend.image, [guest.rounds[0][1]])
