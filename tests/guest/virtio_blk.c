@@ -3,12 +3,15 @@
  * queue) and the rounds of kvmmem.blk=N that prove block I/O goes through
  * memory the guest has just plugged into the virtio-mem device:
  *
- *   round r: plug one block W and one block R (PLUG, one block each; the
- *   2N blocks are spread evenly over the usable region so that they lie in
- *   different memslots), fill a buffer in W with the pattern of sector
- *   S = 8 * (r + 1), write it there (VIRTIO_BLK_T_OUT), fill a buffer in R
- *   with the pattern's complement, read the sector into it (VIRTIO_BLK_T_IN),
- *   compare, unplug W and R.
+ *   round r: plug one block W and one block R (PLUG, one block each),
+ *   fill a buffer in W with the pattern of sector S = 8 * (r + 1), write it
+ *   there (VIRTIO_BLK_T_OUT), fill a buffer in R with the pattern's
+ *   complement, read the sector into it (VIRTIO_BLK_T_IN), compare, unplug
+ *   W and R.
+ *
+ * The usable region is cut into 2N equal strides; W is the first block of
+ * stride r and R that of stride N + r, so that in a usable region of a few
+ * memslots W and R lie in different ones and each round maps other ones.
  *
  * The pattern's 64-bit word at byte offset o of the disk is o ^ BLK_KEY, so
  * the host can check the image file without knowing the guest's addresses.
@@ -67,9 +70,11 @@ static void fill(u64 buf, u64 disk_offset, u64 invert)
 
 void blk_rounds(u64 base, u64 rounds)
 {
-	u64 features = virtio_init(&q, base, 0);
+	/* BLK_SIZE is accepted only to read blk_size (5.2.4: the field is
+	 * there with the feature); RO is never accepted, and refused below. */
+	u64 features = virtio_init(&q, base, F_BLK_SIZE);
 	u64 capacity = cfg64(&q, 0);
-	u32 blk_size = q.offered & F_BLK_SIZE ? cfg32(&q, 20) : 512;
+	u32 blk_size = features & F_BLK_SIZE ? cfg32(&q, 20) : 512;
 	puts("virtio-blk: features="); puthex(features); puts(" capacity="); putdec(capacity);
 	puts(" blk_size="); putdec(blk_size); putc('\n');
 	if (q.offered & F_RO)
@@ -91,7 +96,7 @@ void blk_rounds(u64 base, u64 rounds)
 		fail("error: UNPLUG_ALL refused");
 
 	for (u64 r = 0; r < rounds; r++) {
-		u64 w = c.addr + 2 * r * stride, rd = w + stride;
+		u64 w = c.addr + r * stride, rd = c.addr + (rounds + r) * stride;
 		u64 wbuf = w + bs / 2, rbuf = rd + bs / 2, sector = 8 * (r + 1);
 		mem_block(PLUG, w);
 		mem_block(PLUG, rd);
