@@ -11,7 +11,8 @@
  *
  * Command line:
  *   virtio_mmio.device=<size>@<base>:<irq>  Linux's syntax (size 0x200, 512,
- *                           4K...; base hex); the first virtio-mem one is used
+ *                           4K...; base hex); the first virtio-mem (id 24)
+ *                           and the first virtio-blk (id 2) one are used
  *   kvmmem.steps=N          exit 0 after N step lines (0: right after boot)
  *   kvmmem.read_unplugged=1 after the first step, read one word of an
  *                           unplugged block far away (the region's last
@@ -45,7 +46,6 @@
 
 #include "guest.h"
 
-#define LAPIC 0xfee00000UL
 #define IOAPIC 0xfec00000UL
 #define IRQ_VECTOR 0x30
 

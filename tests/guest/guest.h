@@ -13,6 +13,7 @@ typedef unsigned int u32;
 typedef unsigned long u64;
 
 #define MIB (1UL << 20)
+#define LAPIC 0xfee00000UL
 
 /* -- hardware access (static inline: each file gets its own copy) -------- */
 

@@ -94,7 +94,7 @@ void irq_handler(void)
 	u32 status = rd32(q.base + VM_INT_STATUS);
 	wr32(q.base + VM_INT_ACK, status);
 	irq_seen |= status;
-	wr32(0xfee00000UL + 0xb0, 0);	/* LAPIC EOI */
+	wr32(LAPIC + 0xb0, 0);	/* EOI */
 }
 
 static void wait_config_change(void)
