@@ -8,6 +8,9 @@ reads and writes the buffers in guest memory it mapped itself.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from vhost_helpers import (
     SECTOR,
@@ -82,6 +85,12 @@ def test_block_io_into_plugged_memory(irq_vm, backend, tmp_path):  # type: ignor
     assert backend.read_image(16 * SECTOR, len(pattern)) == pattern
     assert drv.submit(VIRTIO_BLK_T_IN, 16, dst, len(pattern)) == 0
     assert gm.read(dst, len(pattern)) == pattern
+    # the back-end holds the very eventfds KVM signals (QueueNotify) and is
+    # signalled by (the irqfd): kicks and completions never pass through Python
+    held = backend_eventfds(backend.proc.pid)
+    kick, call = (eventfd_id(os.getpid(), fd) for fd in (transport.notify_fd, transport.irq_fd))
+    assert kick is not None and call is not None and kick != call   # fdinfo eventfd-id: Linux 6.2+
+    assert {kick, call} <= held
     # InterruptStatus shows a used buffer while the back-end runs the queue
     assert transport.read(Reg.INTERRUPT_STATUS, 4) & 1
     transport.reset()
@@ -99,6 +108,20 @@ def test_private_guest_ram_is_refused(irq_vm, backend):  # type: ignore[no-untyp
     assert vhost.devices == {} and mem.budget.consumers == ("kvm",)
     assert dict(irq_vm.memslots) == slots
     mem.close()
+
+
+def eventfd_id(pid: int, fd: int | None) -> int | None:
+    """The kernel's id of an eventfd (``eventfd-id`` in fdinfo), None for other files."""
+    try:
+        info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    ids = [line.split()[1] for line in info.splitlines() if line.startswith("eventfd-id:")]
+    return int(ids[0]) if ids else None
+
+
+def backend_eventfds(pid: int) -> set[int | None]:
+    return {eventfd_id(pid, int(n)) for n in os.listdir(f"/proc/{pid}/fd")}
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
@@ -236,3 +259,52 @@ def test_machine_refuses_a_backend_added_after_the_memslot_decision(guest_elf, b
         assert m.vhost.devices == {} and m.memory.budget.consumers == ("kvm",)
     finally:
         m.close()
+
+
+def test_a_vcpu_queue_notify_reaches_the_backend_without_an_exit(irq_vm, backend) -> None:  # type: ignore[no-untyped-def]
+    # A real vCPU writes QueueNotify: KVM's ioeventfd takes the write (the
+    # vCPU goes straight on to its port write, no MMIO exit) and the back-end,
+    # woken on that eventfd, serves the request.
+    import struct
+
+    from kvmmem.kvm import exits, x86
+
+    mem = machine(irq_vm)
+    gm = GuestMemory(mem.address_space)
+    vhost = VhostBackends(mem, irq_vm, gm)
+    vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    transport = vhost.realize("disk0", BASE, GSI)
+    mem.system.add_subregion(BASE, transport.region)
+    drv = HostBlkDriver(transport, gm, ring_gpa=0x100000)
+    drv.setup()
+    gdt, pml4, code = 0x500, 0x1000, 0x10000
+    gm.write(gdt, x86.gdt_bytes())
+    gm.write(pml4, x86.identity_page_tables(pml4, 4 * GiB))
+    gm.write(code, bytes.fromhex("8906" "e610"))             # mov [rsi], eax; out 0x10, al
+    vcpu = irq_vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    x86.setup_long_mode(sregs, pml4, gdt)
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rflags, regs.rsi, regs.rax = code, 2, BASE + int(Reg.QUEUE_NOTIFY), 0
+    vcpu.set_regs(regs)
+    pattern = b"kick" * 1024
+    gm.write(0x300000, pattern)
+    # the request is put in the ring by hand; the vCPU's write is the only kick
+    hdr, status = drv.headers, drv.headers + 16
+    gm.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 40))
+    gm.write(status, b"\xee")
+    gm.write(drv.desc, struct.pack("<QIHHQIHHQIHH", hdr, 16, 1, 1, 0x300000, 4096, 1, 2,
+                                   status, 1, 2, 0))
+    gm.write(drv.avail + 4, struct.pack("<H", 0))
+    gm.write(drv.avail + 2, struct.pack("<H", 1))
+    served_in_python = transport.stats["notify_exits"]
+    first = vcpu.run()
+    assert isinstance(first, exits.IoExit) and first.port == 0x10, first   # no MmioExit first
+    assert transport.stats["notify_exits"] == served_in_python
+    wait_for(lambda: gm.read(drv.used + 2, 2) == b"\x01\x00", "the back-end served nothing")
+    assert gm.read(status, 1) == b"\x00"
+    assert backend.read_image(40 * SECTOR, 4096) == pattern
+    vcpu.close()
+    vhost.close()
+    mem.close()

@@ -43,9 +43,10 @@ device memory through ``memory-backend-memfd`` or ``memory-backend-ram,share=on`
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvmmem.devices.notifier import Notifier
 from kvmmem.memory import AddressSpace
 from kvmmem.vhost.frontend import BackendGone, VhostUserError, VhostUserFrontend
 from kvmmem.vhost.messages import (
@@ -116,7 +117,8 @@ class VhostUserBlk:
         self.address_space = address_space
         self.queue_max_sizes = (props.queue_size,) * props.num_queues
         self.needs_reset = False
-        self.on_config_change: Callable[[], None] | None = None
+        self.config_change_notifiers: Notifier[None] = Notifier()
+        """The transport's observer; nothing notifies (no back-end config-change channel)."""
         self.started = False
         self._acked = 0
         if not frontend.has(ProtocolFeature.CONFIG):

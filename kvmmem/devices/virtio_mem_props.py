@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
 from kvmmem.memory.host import HostMemory
 

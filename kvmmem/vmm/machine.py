@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, exits, lib
@@ -92,8 +93,8 @@ class Machine:
         self.devices: dict[str, VirtioMem] = {}
         self.transports: list[VirtioMmioTransport] = []
         self.unplugged_accesses: list[UnpluggedAccess] = []
-        self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
-        self.on_reset: Callable[[int], None] | None = None
+        self.unplugged_access_notifiers: Notifier[UnpluggedAccess] = Notifier()
+        self.reset_notifiers: Notifier[int] = Notifier()
         """Called after each system reset with the number of resets so far."""
         self.resets = 0
         self.lock = threading.RLock()
@@ -273,8 +274,7 @@ class Machine:
         self.unplugged_accesses.append(access)
         log.warning("vCPU %d: %s of unplugged/unassigned memory at %#x%s", access.vcpu,
                     "write" if is_write else "read", address, f" ({owner})" if owner else "")
-        if self.on_unplugged_access is not None:
-            self.on_unplugged_access(access)
+        self.unplugged_access_notifiers.notify(access)
         if fatal:
             raise RuntimeError(f"vCPU {access.vcpu}: memory fault at {address:#x}: this host "
                                "cannot emulate the access (hardware virtualization)")
@@ -296,8 +296,7 @@ class Machine:
             transport.reset()
         self.serial.reset()
         self.layout = self._load()
-        if self.on_reset is not None:
-            self.on_reset(self.resets)
+        self.reset_notifiers.notify(self.resets)
 
     def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
         chips = [self.vm.get_irqchip(chip) for chip in

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmmem.devices.memory_device import DeviceMemory, MachineMemoryMap, MemoryDeviceError
-from kvmmem.devices.memslot_budget import MemslotBudget, MemslotSplit, memslots_for_device
-from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.memslot_budget import (MemoryDeviceListener, MemslotBudget, MemslotSplit,
+                                           memslots_for_device)
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
 from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
@@ -67,6 +68,9 @@ class MachineMemory:
         self.address_space = AddressSpace(self.system, "memory")
         self.kvm_listener = KvmMemoryListener(vm)
         self.address_space.add_listener(self.kvm_listener)
+        # After the KVM listener: it counts only memslots KVM accepted.
+        self.device_memslots_listener = MemoryDeviceListener(self.budget)
+        self.address_space.add_listener(self.device_memslots_listener)
 
     # -- memory devices ------------------------------------------------------
 
@@ -86,25 +90,28 @@ class MachineMemory:
             try:
                 with memory_transaction():
                     top = dev.realize(addr, split.memslot_size)
+                    self.device_memslots_listener.track(dev.id, dev.ram)
                     self.device_memory_region.add_subregion(addr - area.start, top)
             except BaseException:
+                if dev.realized:
+                    self.device_memslots_listener.untrack(dev.ram)
                 self.budget.release(dev.id)
                 raise
         except BaseException:
             self.device_memory.unplug(dev.id)
-            dev.backing = dev.bitmap = None
+            dev.unbind()
             raise
         self.devices[dev.id] = dev
-        dev.on_memslots_change = lambda used, i=dev.id: self.budget.set_used(i, used)
-        self.budget.set_used(dev.id, len(dev.mapped_memslots))
 
     def unplug(self, dev_id: str) -> VirtioMem:
         """Remove a memory device: unplug its blocks, unmap, free its range."""
         dev = self.devices.pop(dev_id)
+        ram = dev.ram
         with memory_transaction():
             top = dev.unrealize()
             assert self.device_memory_region is not None
             self.device_memory_region.del_subregion(top)
+        self.device_memslots_listener.untrack(ram)
         self.budget.release(dev_id)
         self.device_memory.unplug(dev_id)
         return dev
@@ -125,14 +132,14 @@ class MachineMemory:
     def device_memslots(self, dev_id: str) -> list[DeviceMemslot]:
         """Every memslot of a device: index, guest range, mapped, KVM slot id."""
         dev = self.devices[dev_id]
-        mapped = dev.mapped_memslots
+        policy = dev.policy
+        assert policy is not None                   # plugged devices are realized
         kvm_slots = {rec.guest_phys_addr: rec.slot for rec in self.kvm_listener.memslots()}
-        size, total = dev.memslot_size, dev.region_size
         result = []
-        for index in range(-(-total // size)):
-            gpa = dev.addr + index * size
-            result.append(DeviceMemslot(index, gpa, min(size, total - index * size),
-                                        index in mapped, kvm_slots.get(gpa) if index in mapped else None))
+        for index, span in enumerate(policy.spans()):
+            gpa, mapped = dev.addr + span.offset, policy.is_mapped(span)
+            result.append(DeviceMemslot(index, gpa, span.size, mapped,
+                                        kvm_slots.get(gpa) if mapped else None))
         return result
 
     def info_mtree(self, flatview: bool = False) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem import __version__
+from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
 from kvmmem.vmm.qmp_protocol import ErrorClass, QmpError, check_arguments, has_type
 
@@ -86,8 +87,7 @@ class MachineMonitor:
         self.emit = emit
         self.shut_down = False
         self._qmp_reset_pending = False
-        self._attached = False
-        self._chained: list[tuple[object, str, Any, Any]] = []
+        self._subscribed: list[tuple[Notifier[Any], Callable[[Any], None]]] = []
         commands = [
             Command("qmp_capabilities", self._qmp_capabilities, {"*enable": "[str]"}),
             Command("query-commands", lambda a: [{"name": n} for n in sorted(self.commands)]),
@@ -128,35 +128,23 @@ class MachineMonitor:
     # -- events ---------------------------------------------------------------
 
     def attach(self) -> None:
-        """Install the callbacks that raise events, after any already there."""
-        self._attached = True
+        """Subscribe to the events QMP reports, after any observer already there."""
         for dev in self.machine.devices.values():
-            self._chain(dev, "on_size_change",
-                        lambda size, d=dev: self._size_changed(d, size))
-        self._chain(self.machine, "on_unplugged_access", self._unplugged_access)
-        self._chain(self.machine, "on_reset", self._reset)
+            self._subscribe(dev.size_change_notifiers, self._size_observer(dev))
+        self._subscribe(self.machine.unplugged_access_notifiers, self._unplugged_access)
+        self._subscribe(self.machine.reset_notifiers, self._reset)
 
     def detach(self) -> None:
-        """Stop raising events; put back callbacks nobody chained after ours."""
-        self._attached = False
-        for owner, attr, ours, previous in self._chained:
-            if getattr(owner, attr) is ours:
-                setattr(owner, attr, previous)
-        self._chained.clear()
+        """Stop raising events: unsubscribe."""
+        for notifiers, observer in self._subscribed:
+            notifiers.remove(observer)
+        self._subscribed.clear()
 
-    def _chain(self, owner: object, attr: str, handler: Callable[[Any], None]) -> None:
-        previous = getattr(owner, attr)
+    def _subscribe(self, notifiers: Notifier[Any], observer: Callable[[Any], None]) -> None:
+        self._subscribed.append((notifiers, notifiers.add(observer)))
 
-        def chained(arg: Any) -> None:
-            try:
-                if previous is not None:
-                    previous(arg)
-            finally:
-                if self._attached:
-                    handler(arg)
-
-        setattr(owner, attr, chained)
-        self._chained.append((owner, attr, chained, previous))
+    def _size_observer(self, dev: "VirtioMem") -> Callable[[int], None]:
+        return lambda size: self._size_changed(dev, size)
 
     def _size_changed(self, dev: "VirtioMem", size: int) -> None:
         self.emit("MEMORY_DEVICE_SIZE_CHANGE",
