@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from test_cli import run as run_cli
 from vhost_helpers import Backend, start_backend
-from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges
+from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, memslots_to_map
 
-from kvmmem.devices.memslot_plan import MemslotMode, memslots_to_map
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.memory import HostMemory
