@@ -94,7 +94,13 @@ def test_block_io_into_plugged_memory(irq_vm, backend, tmp_path):  # type: ignor
     # InterruptStatus shows a used buffer while the back-end runs the queue
     assert transport.read(Reg.INTERRUPT_STATUS, 4) & 1
     transport.reset()
-    assert b.frontend.sent["GET_VRING_BASE"] == 1
+    assert b.frontend.sent["GET_VRING_BASE"] == 1 and not b.device.started
+    # after a reset the driver starts over with fresh rings, and I/O works again
+    drv = HostBlkDriver(transport, gm, ring_gpa=0x180000)
+    drv.setup()
+    assert b.frontend.sent["SET_VRING_BASE"] == 2
+    assert drv.submit(VIRTIO_BLK_T_IN, 16, src + 8192, len(pattern)) == 0
+    assert gm.read(src + 8192, len(pattern)) == pattern
     vhost.close()
     mem.close()
 
@@ -306,5 +312,33 @@ def test_a_vcpu_queue_notify_reaches_the_backend_without_an_exit(irq_vm, backend
     assert gm.read(status, 1) == b"\x00"
     assert backend.read_image(40 * SECTOR, 4096) == pattern
     vcpu.close()
+    vhost.close()
+    mem.close()
+
+
+def test_a_ring_across_two_memslots_sets_needs_reset(irq_vm, backend) -> None:  # type: ignore[no-untyped-def]
+    # The back-end maps each memslot on its own, so a ring must lie in one;
+    # one that straddles two is refused at DRIVER_OK, and the VM goes on.
+    from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
+
+    mem = machine(irq_vm)
+    gm = GuestMemory(mem.address_space)
+    vhost = VhostBackends(mem, irq_vm, gm)
+    b = vhost.connect(VhostUserBlkProps("disk0", "c0", backend.socket))
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(8 * GiB, "mem0", shared=True),
+                                   block_size=128 * MiB, requested_size=8 * GiB))
+    mem.plug(dev)
+    per_slot = dev.memslot_size // dev.block_size
+    for block in (per_slot - 1, per_slot):
+        raw = dev.handle(0, Request(RequestType.PLUG, dev.addr + block * dev.block_size, 1).pack(), 10)
+        assert raw is not None and Response.parse(raw).type.name == "ACK"
+    transport = vhost.realize("disk0", BASE, GSI)
+    mem.system.add_subregion(BASE, transport.region)
+    boundary = dev.addr + dev.memslot_size
+    drv = HostBlkDriver(transport, gm, ring_gpa=boundary - 64)   # the descriptor table straddles
+    drv.setup()
+    assert transport.needs_reset and not b.device.started
+    assert "not inside one RAM range" in (transport.last_violation or "")
+    assert b.frontend.sent["SET_FEATURES"] == 0 and b.frontend.connected   # nothing sent
     vhost.close()
     mem.close()

@@ -81,3 +81,14 @@ def test_run_with_a_vhost_user_blk_disk_next_to_virtio_mem(tmp_path: Path, guest
     text = log.read_text()
     assert "virtio_mmio.device=512@0xd0000000:5 virtio_mmio.device=512@0xd0001000:6" in text
     assert "plugged=1073741824 requested=1073741824 ok" in text
+
+
+@pytest.mark.kvm
+def test_a_backend_that_is_not_there_is_refused_in_one_line(tmp_path: Path, guest_elf: Path) -> None:
+    out = run("-m", "512M", "-object", "memory-backend-memfd,id=ram,size=512M",
+              "-machine", "memory-backend=ram",
+              "-chardev", f"socket,id=c0,path={tmp_path / 'none.sock'}",
+              "-device", "vhost-user-blk,chardev=c0,id=disk0", "-kernel", str(guest_elf))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot connect to the vhost-user back-end" in lines[0], out.stderr

@@ -195,17 +195,19 @@ class VhostUserBlk:
         features = self._acked & SUPPORTED_FEATURES
         if self._protocol_features_acked():
             features |= 1 << F_PROTOCOL_FEATURES
+        # Every ring address is translated before anything is sent, so a bad
+        # ring leaves the back-end untouched.
+        rings = [(index, queue, VringAddr(
+            index, desc=self._host_address(queue.desc, 16 * queue.num, "descriptor table"),
+            used=self._host_address(queue.device, 6 + 8 * queue.num, "used ring"),
+            avail=self._host_address(queue.driver, 6 + 2 * queue.num, "available ring")))
+            for index, queue in enumerate(queues) if queue.ready]
         request = self.frontend.request
         request(Request.SET_FEATURES, pack_u64(features))
-        for index, queue in enumerate(queues):
-            if not queue.ready:
-                continue
+        for index, queue, addr in rings:
             request(Request.SET_VRING_NUM, pack_vring_state(index, queue.num))
             request(Request.SET_VRING_BASE, pack_vring_state(index, 0))
-            request(Request.SET_VRING_ADDR, VringAddr(
-                index, desc=self._host_address(queue.desc, 16 * queue.num, "descriptor table"),
-                used=self._host_address(queue.device, 6 + 8 * queue.num, "used ring"),
-                avail=self._host_address(queue.driver, 6 + 2 * queue.num, "available ring")).pack())
+            request(Request.SET_VRING_ADDR, addr.pack())
             request(Request.SET_VRING_KICK, pack_u64(index), [kick_fd])
             request(Request.SET_VRING_CALL, pack_u64(index), [call_fd])
             if self._protocol_features_acked():

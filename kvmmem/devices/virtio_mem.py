@@ -20,6 +20,7 @@ memslots by listening to the memory layer, so the device reports nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from kvmmem.devices.block_protection import BlockProtection
@@ -60,6 +61,8 @@ class VirtioMem:
         self.memdev = props.memdev or HostMemory(props.region_size, name=f"{props.id}-memdev")
         self.config_change_notifiers: Notifier[None] = Notifier()
         self.size_change_notifiers: Notifier[int] = Notifier()
+        self.admit_requested_size: Callable[[int], None] | None = None
+        """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
         self.driver_features = 0
         self.addr = -1
@@ -319,6 +322,11 @@ class VirtioMem:
         check_requested_size(self.id, size, self.region_size, self.block_size)
         if size == self.requested_size:
             return
+        if self.admit_requested_size is not None:
+            try:
+                self.admit_requested_size(size)
+            except ValueError as exc:
+                raise VirtioMemPropertyError(str(exc)) from None
         old_requested, old_usable = self.requested_size, self.usable_region_size
         self.props.requested_size = size
         if self.realized:

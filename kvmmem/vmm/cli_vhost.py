@@ -52,21 +52,19 @@ def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int) ->
         raise OptionError("-device", str(exc)) from None
 
 
-def ram_backend(spec: str | None, backends: dict[str, HostMemory], ram: int) -> HostMemory | None:
-    """``-machine memory-backend=ID``: boot RAM is that backend, whose size must be -m's."""
-    if spec is None:
+def ram_backend(spec: str, backends: dict[str, HostMemory], ram: int,
+                busy: set[str]) -> HostMemory | None:
+    """``-machine memory-backend=ID``: boot RAM is that backend (whose size must be
+    -m's); it is then busy, no memory device may use it too. The other -machine
+    keys are checked by the caller."""
+    backend_id = parse_keyval("-machine", spec, "type").get("memory-backend")
+    if backend_id is None:
         return None
-    opts = parse_keyval("-machine", spec, "type")
-    unknown = set(opts) - {"memory-backend", "type"}
-    if unknown or opts.get("type", "pc") != "pc":
-        raise OptionError("-machine", f"only memory-backend=ID is supported, not {spec!r}")
-    if "memory-backend" not in opts:
-        return None
-    backend_id = opts["memory-backend"]
     if backend_id not in backends:
         raise OptionError("-machine", f"memory-backend={backend_id!r}: no -object with that id")
-    host = backends.pop(backend_id)
+    host = backends[backend_id]
     if host.size != ram:
         raise OptionError("-machine", f"memory-backend {backend_id!r} has {host.size} bytes "
                           f"but -m asks for {ram}")
+    busy.add(backend_id)
     return host

@@ -52,6 +52,8 @@ class MachineConfig:
     memory_devices: list[VirtioMemProps] = field(default_factory=list)
     serial: Callable[[bytes], None] | None = None
     no_reboot: bool = False
+    memslot_metadata_limit: int | None = None
+    """KVM memslot metadata the memory devices may cost; None: MemTotal / 4."""
     vhost_devices: list[VhostUserBlkProps] = field(default_factory=list)
     ram_backend: HostMemory | None = None
 
@@ -86,7 +88,7 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
         self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots,
-                                    config.ram_backend)
+                                    config.memslot_metadata_limit, ram_host=config.ram_backend)
         self.guest_memory = GuestMemory(self.memory.address_space)
         self.vhost = VhostBackends(self.memory, self.vm, self.guest_memory)
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)

@@ -19,6 +19,7 @@ from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
 from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
                            memory_transaction, mtree_info)
+from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
 
 SYSTEM_SIZE = 1 << 64
 
@@ -38,13 +39,16 @@ class MachineMemory:
     """Boot RAM, device memory and memory devices of one VM."""
 
     def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0,
-                 ram_host: HostMemory | None = None) -> None:
+                 metadata_limit: int | None = None, ram_host: HostMemory | None = None) -> None:
         """``ram_host`` backs boot RAM (QEMU's ``-machine memory-backend=ID``; shared
         for vhost-user); without it boot RAM is private anonymous memory."""
         if ram_host is not None and ram_host.size != ram_size:
             raise MemoryDeviceError(f"the RAM size {ram_size:#x} does not match the size "
                                     f"{ram_host.size:#x} of memory backend '{ram_host.name}'")
         self.vm = vm
+        self.metadata_limit = default_limit() if metadata_limit is None else metadata_limit
+        """Bytes of KVM memslot metadata all memory devices may cost
+        (estimated, see :mod:`kvmmem.vmm.memslot_metadata`)."""
         self.layout = MachineMemoryMap(ram_size, maxmem, slots)
         self.budget = MemslotBudget({"kvm": lambda: vm.free_memslots})
         self.device_memory = DeviceMemory.for_machine(self.layout)
@@ -83,7 +87,9 @@ class MachineMemory:
                                     "(start it with maxmem larger than its RAM)")
         if dev.id in self.devices:
             raise MemoryDeviceError(f"a device with id {dev.id!r} is already plugged")
+        self._check_memdev_free(dev)
         split = self._memslot_split(dev, area.size)
+        self._admit(dev, split.memslot_size, dev.requested_size, "the device")
         addr = self.device_memory.plug(dev.id, dev.region_size, dev.block_size, dev.props.memaddr)
         try:
             self.budget.reserve(dev.id, split.count)
@@ -102,10 +108,13 @@ class MachineMemory:
             dev.unbind()
             raise
         self.devices[dev.id] = dev
+        dev.admit_requested_size = lambda size, d=dev: self._admit(
+            d, d.memslot_size, size, f"requested-size {size:#x}")
 
     def unplug(self, dev_id: str) -> VirtioMem:
         """Remove a memory device: unplug its blocks, unmap, free its range."""
         dev = self.devices.pop(dev_id)
+        dev.admit_requested_size = None
         ram = dev.ram
         with memory_transaction():
             top = dev.unrealize()
@@ -126,6 +135,29 @@ class MachineMemory:
             return MemslotSplit(dev.region_size, 1, 1)
         return memslots_for_device(dev.region_size, dev.block_size, area_size,
                                    self.budget.available(), dev.props.max_memslots)
+
+    def _admit(self, dev: VirtioMem, memslot_size: int, requested: int, what: str) -> None:
+        """Refuse (MemoryDeviceError, nothing changed) a device or a larger
+        requested-size whose memslots would take the estimated KVM metadata
+        of all devices over ``metadata_limit``."""
+        def estimate(d: VirtioMem, slot_size: int, size: int) -> tuple[int, int, int]:
+            return device_estimate(d.props.memslots, d.region_size, d.block_size, slot_size,
+                                   size, d.usable_region_size)
+
+        new = estimate(dev, memslot_size, requested)
+        old = estimate(dev, memslot_size, dev.requested_size)[0] if dev.id in self.devices else 0
+        others = sum(estimate(d, d.memslot_size, d.requested_size)[0]
+                     for i, d in self.devices.items() if i != dev.id)
+        if new[0] > old and others + new[0] > self.metadata_limit:
+            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit))
+
+    def _check_memdev_free(self, dev: VirtioMem) -> None:
+        """A backend serves one device: two would discard each other's
+        plugged memory (QEMU's virtio_mem_device_realize refuses it too)."""
+        for other in self.devices.values():
+            if other.memdev is dev.memdev:
+                raise MemoryDeviceError(f"{dev.id}: 'memdev' property specifies a busy memdev: "
+                                        f"{dev.memdev.name} (already in use by {other.id})")
 
     # -- queries -------------------------------------------------------------
 

@@ -11,6 +11,7 @@ given, which must be safe to call from any thread.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,7 @@ class MachineMonitor:
         self.machine = machine
         self.emit = emit
         self.shut_down = False
+        self._shutdown_lock = threading.Lock()
         self._qmp_reset_pending = False
         self._subscribed: list[tuple[Notifier[Any], Callable[[Any], None]]] = []
         commands = [
@@ -164,10 +166,13 @@ class MachineMonitor:
                             "reason": "host-qmp-system-reset" if host else "guest-reset"})
 
     def notify_shutdown(self, guest: bool = True, reason: str = "guest-shutdown") -> None:
-        """The machine stopped: raise SHUTDOWN once."""
-        if not self.shut_down:
+        """The machine stopped: raise SHUTDOWN once (any thread: a host
+        signal's and the run loop's end may race)."""
+        with self._shutdown_lock:
+            if self.shut_down:
+                return
             self.shut_down = True
-            self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
 
     # -- commands ---------------------------------------------------------------
 
