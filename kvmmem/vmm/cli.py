@@ -11,12 +11,14 @@ A bad option is refused with one line that names it and says why.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
+from kvmmem.vmm.chardev import BufferedOutput, fd_writer
 from kvmmem.vmm.host_signals import HostSignals
 from kvmmem.vmm.units import SizeError, parse_size
 
@@ -262,15 +264,15 @@ def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioM
 def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
     if spec == "none":
         return None
+    # Written by a thread of their own: a sink that blocks never holds the vCPU.
     if spec == "stdio":
-        out = sys.stdout.buffer
-        return lambda data: (out.write(data), out.flush())  # type: ignore[func-returns-value]
+        return BufferedOutput(fd_writer(sys.stdout.fileno()))
     if spec.startswith("file:"):
         try:
-            handle = open(spec[5:], "ab", buffering=0)
+            fd = os.open(spec[5:], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
             raise OptionError("-serial", f"cannot open {spec[5:]!r}: {exc.strerror}") from None
-        return handle.write  # type: ignore[return-value]
+        return BufferedOutput(fd_writer(fd))
     raise OptionError("-serial", f"{spec!r} is not stdio, file:PATH or none")
 
 
@@ -323,6 +325,8 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
         if server is not None:
             server.close()
         machine.close()
+        if isinstance(config.serial, BufferedOutput):
+            config.serial.close()
 
 
 def _option_of(exc: Exception) -> str | None:
