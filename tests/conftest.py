@@ -1,8 +1,10 @@
-"""Shared fixtures and the ``kvm`` marker policy.
+"""Shared fixtures and the ``kvm`` and ``linux`` marker policy.
 
-Tests marked ``kvm`` use the real ``/dev/kvm``. Where it is missing they are
-skipped with the reason, except under ``CI=true`` or ``KVMMEM_REQUIRE_KVM=1``,
-where such a skip would hide untested code and is turned into a failure.
+Tests marked ``kvm`` use the real ``/dev/kvm``; tests marked ``linux`` boot
+the Linux test kernel (``make linux-guest``) under KVM. Where KVM or the
+kernel is missing they are skipped with the reason, except under ``CI=true``
+or ``KVMMEM_REQUIRE_KVM=1``, where such a skip would hide untested code and
+is turned into a failure.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Iterator
 import pytest
 
 KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVMMEM_REQUIRE_KVM") == "1"
+REQUIRED_MARKERS = ("kvm", "linux")
+"""Markers of tests that need KVM, and whose skip under CI is a failure."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
+    config.addinivalue_line("markers", "linux: the test boots the Linux test kernel (make test-linux)")
 
 
 def _kvm_unavailable_reason() -> str | None:
@@ -32,8 +37,12 @@ def _kvm_unavailable_reason() -> str | None:
 _REASON: list[str | None] = []
 
 
+def _required(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(name) is not None for name in REQUIRED_MARKERS)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kvm") is None:
+    if not _required(item):
         return
     if not _REASON:
         _REASON.append(_kvm_unavailable_reason())
@@ -47,10 +56,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI, any skip of a KVM test (a capability missing, say) fails it."""
+    """Under CI, any skip of a KVM or Linux test (a capability missing, say) fails it."""
     outcome = yield
     report = outcome.get_result()
-    if KVM_REQUIRED and report.skipped and item.get_closest_marker("kvm") is not None:
+    if KVM_REQUIRED and report.skipped and _required(item):
         report.outcome = "failed"
         report.longrepr = f"KVM test skipped where KVM is required (CI): {report.longrepr}"
 
