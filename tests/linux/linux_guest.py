@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.qmp_client import ExecInterruptedError
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "build" / "linux" / "vmlinux"
@@ -197,6 +198,16 @@ class LinuxGuest:
              f"-- last {len(tail)} serial lines --", *tail,
              f"-- VMM stderr (last {len(err)} lines) --", *err]))
 
+    def _lost(self, why: str) -> None:
+        """QMP went away: give the VMM a moment to exit, so its status and
+        last words are part of the failure."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.fail(why)
+
     def _check_process(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             self.fail(f"the VMM exited with status {self.proc.returncode}")
@@ -223,8 +234,9 @@ class LinuxGuest:
         assert self.qmp is not None
         try:
             return self.qmp.cmd(name, **args)
-        except (EOFError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
-            self.fail(f"QMP {name} failed: {exc!r}")
+        except (ExecInterruptedError, EOFError, ConnectionError, asyncio.TimeoutError,
+                OSError) as exc:
+            self._lost(f"QMP {name} failed: {exc!r}")
 
     def _pull_events(self, wait: float) -> None:
         assert self.qmp is not None
@@ -233,8 +245,7 @@ class LinuxGuest:
         except asyncio.TimeoutError:
             return
         except (EOFError, ConnectionError, OSError) as exc:
-            self._check_process()
-            self.fail(f"QMP connection lost: {exc!r}")
+            self._lost(f"QMP connection lost: {exc!r}")
         if event is not None:
             self.events.append(event)
         self.events.extend(self.qmp.get_events(wait=False))
