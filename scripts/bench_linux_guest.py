@@ -25,10 +25,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "linux"))
 
-from linux_guest import MEMORY_BLOCK, Device, LinuxGuest, MiB, Report  # noqa: E402
+from linux_guest import MEMORY_BLOCK, Device, LinuxGuest, MiB, Report
 
-from kvmmem.vmm import kmem  # noqa: E402
-from kvmmem.vmm.units import parse_size  # noqa: E402
+from kvmmem.vmm import kmem
+from kvmmem.vmm.units import parse_size
 
 TIMEOUT = 1200
 

@@ -57,7 +57,10 @@ if [ -z "$version" ] || [ "$version" = "(none)" ]; then
     apt_update
     version=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
 fi
-[ -n "$version" ] && [ "$version" != "(none)" ]
+if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    step="find $pkg with apt (no installable version in the configured suites)"
+    exit 1
+fi
 
 step="hash the inputs"
 key=$( { echo "$pkg=$version"; cat "$here/config-fragment";

@@ -16,7 +16,7 @@ VMM's stderr.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.qmp_client import ExecInterruptedError
@@ -87,8 +87,8 @@ class Device:
     def options(self, index: int) -> list[str]:
         mem = f"mem{index}"
         return ["-object", f"memory-backend-ram,id={mem},size={self.size}",
-                "-device", f"virtio-mem,id={self.id},memdev={mem},requested-size={self.requested},"
-                           f"memslots={self.memslots},protect={self.protect}"]
+                "-device", (f"virtio-mem,id={self.id},memdev={mem},requested-size={self.requested},"
+                            f"memslots={self.memslots},protect={self.protect}")]
 
 
 @dataclass
@@ -125,7 +125,7 @@ class LinuxGuest:
                        "-qmp", f"unix:{self.sock},server=on,wait=off",
                        "-append", f"{cmdline} {self.extra_cmdline}".strip()]
 
-    def __enter__(self) -> LinuxGuest:
+    def __enter__(self) -> Self:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
@@ -141,14 +141,10 @@ class LinuxGuest:
 
     def close(self) -> None:
         if self.qmp is not None:
-            try:
+            with contextlib.suppress(Exception):      # the VMM may be gone already
                 self.qmp.cmd("quit")
-            except Exception:  # noqa: BLE001 - the VMM may be gone already
-                pass
-            try:
+            with contextlib.suppress(Exception):
                 self.qmp.close()
-            except Exception:  # noqa: BLE001
-                pass
             self.qmp = None
         if self.proc is not None:
             try:
@@ -234,7 +230,7 @@ class LinuxGuest:
         assert self.qmp is not None
         try:
             return self.qmp.cmd(name, **args)
-        except (ExecInterruptedError, EOFError, ConnectionError, asyncio.TimeoutError,
+        except (ExecInterruptedError, EOFError, ConnectionError, TimeoutError,
                 OSError) as exc:
             self._lost(f"QMP {name} failed: {exc!r}")
 
@@ -242,7 +238,7 @@ class LinuxGuest:
         assert self.qmp is not None
         try:
             event = self.qmp.pull_event(wait=wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         except (EOFError, ConnectionError, OSError) as exc:
             self._lost(f"QMP connection lost: {exc!r}")

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from linux_guest import CMDLINE, KERNEL, MEMORY_BLOCK, Device, GiB, LinuxGuest, MiB, Report
+from linux_guest import (
+    CMDLINE,
+    KERNEL,
+    MEMORY_BLOCK,
+    Device,
+    GiB,
+    LinuxGuest,
+    MiB,
+    Report,
+)
 
 pytestmark = pytest.mark.linux
 
@@ -41,7 +50,7 @@ class Session:
     names: dict[str, str]        # QMP id -> the driver's device name (virtio0...)
 
     @classmethod
-    def boot_guest(cls, guest: LinuxGuest, since: float = 0.0) -> "Session":
+    def boot_guest(cls, guest: LinuxGuest, since: float = 0.0) -> Session:
         """Wait for the monitor's first line that shows every device probed
         with nothing plugged yet, and match devices by their start address."""
         count = len(guest.devices)
