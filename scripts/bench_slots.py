@@ -200,7 +200,9 @@ def device_case(backend: kmem.KmemBackend, mode: str, device_size: int,
                 plugged: int) -> Iterator[dict[str, Any]]:
     """Machine + device + ``plugged`` untouched; read the charge; then the 1 GiB cycle."""
     with Kvm() as kvm, kvm.create_vm() as vm:
-        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
+        # not_possible_reason() already kept what this host cannot afford out
+        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB,
+                                metadata_limit=int(AFFORDABLE_SHARE * mem_total()))
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
                                        requested_size=plugged, memslots=mode))
         t0 = time.perf_counter()

@@ -17,13 +17,18 @@ from typing import Iterator
 import pytest
 
 KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVMMEM_REQUIRE_KVM") == "1"
-REQUIRED_MARKERS = ("kvm", "linux")
-"""Markers of tests that need KVM, and whose skip under CI is a failure."""
+KVM_MARKERS = ("kvm", "linux")
+"""Markers of tests that need a usable /dev/kvm."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
+    config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon (qemu-utils)")
     config.addinivalue_line("markers", "linux: the test boots the Linux test kernel (make test-linux)")
+
+
+# Markers of tests that may skip locally but never under CI.
+REQUIRED_UNDER_CI = ("kvm", "vhost", "linux")
 
 
 def _kvm_unavailable_reason() -> str | None:
@@ -37,12 +42,8 @@ def _kvm_unavailable_reason() -> str | None:
 _REASON: list[str | None] = []
 
 
-def _required(item: pytest.Item) -> bool:
-    return any(item.get_closest_marker(name) is not None for name in REQUIRED_MARKERS)
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if not _required(item):
+    if not any(item.get_closest_marker(name) is not None for name in KVM_MARKERS):
         return
     if not _REASON:
         _REASON.append(_kvm_unavailable_reason())
@@ -56,12 +57,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI, any skip of a KVM or Linux test (a capability missing, say) fails it."""
+    """Under CI, any skip of a KVM, vhost or Linux test (a capability or program missing, say) fails it."""
     outcome = yield
     report = outcome.get_result()
-    if KVM_REQUIRED and report.skipped and _required(item):
+    if KVM_REQUIRED and report.skipped and any(item.get_closest_marker(m) is not None
+                                               for m in REQUIRED_UNDER_CI):
         report.outcome = "failed"
-        report.longrepr = f"KVM test skipped where KVM is required (CI): {report.longrepr}"
+        report.longrepr = f"test skipped where it is required (CI): {report.longrepr}"
 
 
 @pytest.fixture

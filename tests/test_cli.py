@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmmem.vmm.cli import OptionError, build_parser, parse_keyval, parse_machine
+from kvmmem.vmm.cli import OptionError, parse_args, parse_keyval, parse_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST = ROOT / "build" / "guest" / "guest.elf"
@@ -16,7 +16,7 @@ GiB, MiB = 1 << 30, 1 << 20
 
 
 def config(*argv: str):  # type: ignore[no-untyped-def]
-    return parse_machine(build_parser().parse_args(["-kernel", "k", *argv]), None)
+    return parse_machine(parse_args(["-kernel", "k", *argv]), None)
 
 
 def test_keyval_follows_qemu_spelling() -> None:
@@ -66,8 +66,59 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_refusal_is_one_line_on_stderr() -> None:
     out = run("-m", "512X", "-kernel", "k")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["kvmmem run: -m: size='512X' is not a size "
-                                               "(examples: 512M, 2G)"]
+    assert out.stderr.strip().splitlines() == [
+        ("kvmmem run: -m: size='512X' is not a size: expected a non-negative number with an "
+        "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)")]
+
+
+# Every field that takes a size, as (option, the option's text with {} for the value).
+SIZE_FIELDS = [
+    ("-m", "size", ["-m", "{}"]),
+    ("-m", "maxmem", ["-m", "1G,maxmem={}"]),
+    ("-object", "size", ["-m", "1G", "-object", "memory-backend-ram,id=m,size={}"]),
+    ("-device", "size", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size={}"]),
+    ("-device", "block-size", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size={}"]),
+    ("-device", "requested-size", ["-m", "1G,maxmem=9G", "-device",
+                                   "virtio-mem,id=v,size=1G,requested-size={}"]),
+    ("-device", "memaddr", ["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,memaddr={}"]),
+    ("-machine", "memslot-metadata-limit", ["-m", "1G", "-machine", "pc,memslot-metadata-limit={}"]),
+]
+# Not sizes: Python-isms, overflows, signs, exponents, inf/nan, 2^64 and more, odd digits.
+BAD_SIZES = ["2**70", "1180591620717411303424", "18446744073709551616", "16E", "17179869184G",
+             "infG", "inf", "nanG", "1e30G", "1e3", "-1G", "-1", "+1G", "", "G", "0x", "0x1.8G",
+             "1.5.5G", "1_0G", "\u0661G", "1Q", "0.5", "1G5"]
+
+
+@pytest.mark.parametrize("value", BAD_SIZES)
+@pytest.mark.parametrize("option,key,argv", SIZE_FIELDS, ids=[f"{o}:{k}" for o, k, _ in SIZE_FIELDS])
+def test_every_size_field_refuses_every_bad_size(option: str, key: str, argv: list[str],
+                                                 value: str) -> None:
+    with pytest.raises(OptionError) as info:
+        config(*[a.format(value) for a in argv])
+    assert info.value.option == option
+    assert f"{key}={value!r} is not a size: " in str(info.value)
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["-m", "maxmem=8G"], "-m: Parameter 'size' is missing"),
+    (["-m", "1G", "-object", "id=x"], "-object: Parameter 'qom-type' is missing"),
+    (["-m", "1G", "-device", "id=v"], "-device: Parameter 'driver' is missing"),
+    (["-m", "1G", "-qmp", "server=on"], "-qmp: no socket given: the first item must be unix:PATH"),
+    (["-m", "infG"], ("-m: size='infG' is not a size: expected a non-negative number with an "
+                     "optional suffix B, K, M, G, T, P or E (examples: 512M, 2G)")),
+    (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1e30G"],
+     ("-object: size='1e30G' is not a size: expected a non-negative number with an optional "
+     "suffix B, K, M, G, T, P or E (examples: 512M, 2G)")),
+    (["-m", "1G,maxmem=1180591620717411303424"],
+     ("-m: maxmem='1180591620717411303424' is not a size: too large (sizes are below 2^64 "
+     "bytes) (examples: 512M, 2G)")),
+    (["-m", "-1G"], ("-m: size='-1G' is not a size: negative sizes are not allowed "
+                    "(examples: 512M, 2G)")),
+])
+def test_bad_options_end_in_one_line_and_status_2_not_a_traceback(argv: list[str],
+                                                                   line: str) -> None:
+    out = run(*argv, "-kernel", "k")
+    assert (out.returncode, out.stderr.splitlines()) == (2, [f"kvmmem run: {line}"])
 
 
 DEVICE = ["-m", "512M,maxmem=8G", "-object", "memory-backend-ram,id=mem0,size=4G",
@@ -90,3 +141,60 @@ def test_no_reboot_exits_when_the_guest_resets() -> None:
     out = run(*DEVICE, "-kernel", str(GUEST), "-append", "kvmmem.reset=1", "-no-reboot")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("resetting") == 1
+
+
+LONG_APPEND = "x" * 5000
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("argv,option,why", [
+    (["-m", "1G,maxmem=512M"], "-m", "maxmem 0x20000000 is below the ram size 0x40000000"),
+    (["-m", "1G,slots=300"], "-m", "slots=300 is outside 0..256"),
+    (["-m", "1G,maxmem=300T"], "-m", "beyond the 0x1000000000000 bytes of guest-physical"),
+    (["-m", "1G", "-kernel", "/nonexistent/vmlinux"], "-kernel", "cannot read kernel"),
+    (["-m", "1G", "-append", LONG_APPEND], "-append", "must be at most 4095 bytes"),
+    (["-m", "1G", "-serial", "file:/nonexistent/serial.log"], "-serial", "cannot open"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=64G"], "-device", "does not fit"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=9E"], "-device",
+     "v-memdev: cannot allocate size=0x9000000000000000"),
+    (["-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size=0"], "-device",
+     "'block-size' property has to be at least 0x100000"),
+], ids=["maxmem<ram", "slots", "maxmem-beyond-map", "kernel", "append", "serial", "fit",
+        "device-size", "block-size-0"])
+def test_errors_below_the_command_line_name_their_option(argv: list[str], option: str,
+                                                         why: str) -> None:
+    if "-kernel" not in argv:
+        argv = [*argv, "-kernel", str(GUEST)]
+    out = run(*argv, "-serial", "none") if "-serial" not in argv else run(*argv)
+    lines = out.stderr.splitlines()
+    assert (out.returncode, len(lines)) == (2, 1), out.stderr
+    assert lines[0].startswith(f"kvmmem run: {option}: ") and why in lines[0], lines[0]
+
+
+def test_block_size_zero_is_refused_not_taken_as_the_default() -> None:
+    with pytest.raises(OptionError) as info:
+        config("-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G,block-size=0")
+    assert info.value.option == "-device"
+    assert "'block-size' property has to be at least 0x100000" in str(info.value)
+
+
+def test_machine_takes_the_memslot_metadata_limit() -> None:
+    assert config("-m", "1G").memslot_metadata_limit is None            # MemTotal / 4
+    assert config("-m", "1G", "-machine", "pc,memslot-metadata-limit=2G") \
+        .memslot_metadata_limit == 2 * GiB
+    assert config("-m", "1G", "-machine", "memslot-metadata-limit=0").memslot_metadata_limit == 0
+    assert config("-m", "1G", "-machine", "pc,accel=kvm").memslot_metadata_limit is None
+    for bad, why in (("q35", "the pc machine only"), ("pc,colour=red", "unknown key"),
+                     ("pc,accel=tcg", "KVM only")):
+        with pytest.raises(OptionError, match=why):
+            config("-m", "1G", "-machine", bad)
+
+
+@pytest.mark.kvm
+def test_a_device_over_the_metadata_limit_is_refused_in_one_line() -> None:
+    out = run("-m", "1G,maxmem=65G", "-machine", "memslot-metadata-limit=64M",
+              "-device", "virtio-mem,id=v,size=64G,memslots=single", "-kernel", str(GUEST))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("kvmmem run: -device: v: the device would map 64 GiB in 1 "
+                                 "memslot(s), about 160.0 MiB of KVM metadata")
+    assert "exceeds memslot-metadata-limit=64.0 MiB" in out.stderr

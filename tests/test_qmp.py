@@ -256,7 +256,8 @@ def test_qemu_qmp_resizes_a_running_guest_and_sees_matching_sizes(guest_elf, tmp
                                 and _reached(384 * MiB)(s), seen)
             reset = next(e for e in seen if e["event"] == "RESET")
             assert (reset["guest"], reset["reason"]) == (False, "host-qmp-system-reset")
-            assert 0 in _sizes(seen) and vm.machine.resets == 1        # unplugged, then re-plugged
+            # unplugged, then re-plugged; the 0 between may be throttled away, as in QEMU
+            assert vm.machine.resets == 1 and vm.dev.plugged_size == 384 * MiB
             assert vm.wait_reached() == 384 * MiB
 
             await qmp.execute("stop")

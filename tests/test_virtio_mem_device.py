@@ -192,3 +192,55 @@ def test_memslot_budget_shapes_and_refuses_devices(kvm) -> None:  # type: ignore
         assert list(machine.devices) == ["a"] and len(machine.device_memory.devices) == 1
         machine.close()
         filler.close()
+
+
+@pytest.mark.parametrize("mode", ["single", "usable", "dynamic"])
+def test_budget_counts_device_memslots_by_listening(vm, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """The budget's used count follows the memslots KVM holds for the device,
+    through requests, requested-size, a KVM refusal and unplug, without the
+    device reporting anything."""
+    machine = small_machine(vm)
+    dev = plug_device(machine, requested_size=2 * GiB, memslots=mode)
+    bpm = dev.memslot_size // dev.block_size
+
+    def used() -> int:
+        return machine.budget.reservations["vmem0"].used
+
+    def check() -> None:
+        assert used() == len(kvm_ranges(vm, dev)) == len(dev.mapped_memslots)
+
+    check()
+    assert request(dev, PLUG, 0, 2).type is ResponseType.ACK
+    check()
+    if mode != "single":
+        blocker = HostMemory(2 * MiB, "blocker")
+        blocked = 1 if mode == "dynamic" else 5                 # a memslot not mapped yet
+        vm.set_user_memory_region(4000, dev.addr + blocked * dev.memslot_size, 2 * MiB,
+                                  blocker.address)
+        before = used()
+        if mode == "dynamic":
+            assert request(dev, PLUG, bpm, 1).type is ResponseType.BUSY
+        else:
+            with pytest.raises(ValueError):
+                dev.set_requested_size(8 * GiB)
+        assert used() == before
+        vm.delete_memslot(4000)
+        blocker.close()
+        assert request(dev, PLUG, bpm, 1).type is ResponseType.ACK
+        check()
+    dev.set_requested_size(8 * GiB)
+    check()
+    assert request(dev, UNPLUG_ALL).type is ResponseType.ACK
+    check()
+    # A memslot of the device's RAM mapped by someone else counts as well.
+    extra = dev.backing.top if mode != "single" else None  # type: ignore[union-attr]
+    if extra is not None:
+        from kvmmem.memory import MemoryRegion
+        alias = MemoryRegion.alias("extra", dev.ram, 3 * dev.memslot_size, dev.memslot_size,
+                                   unmergeable=True)
+        extra.add_subregion(3 * dev.memslot_size, alias)
+        assert used() == len(kvm_ranges(vm, dev))
+        extra.del_subregion(alias)
+    machine.unplug("vmem0")
+    assert "vmem0" not in machine.budget.reservations
+    machine.close()

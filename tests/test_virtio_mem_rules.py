@@ -86,7 +86,7 @@ def test_usable_region_shrinks_only_on_unplug_all_or_system_reset(machine, dev: 
 
 def test_config_change_notified_for_requested_and_usable_not_plugged(dev: VirtioMem) -> None:
     calls: list[int] = []
-    dev.on_config_change = lambda: calls.append(1)
+    dev.config_change_notifiers.add(lambda _: calls.append(1))
     request(dev, PLUG, 0, 2)
     assert calls == []                                   # plugged_size changed only
     dev.set_requested_size(2 * GiB)
@@ -103,7 +103,7 @@ def test_config_change_notified_for_requested_and_usable_not_plugged(dev: Virtio
 
 def test_size_change_callback_follows_plugged_size(dev: VirtioMem) -> None:
     sizes: list[int] = []
-    dev.on_size_change = sizes.append
+    dev.size_change_notifiers.add(sizes.append)
     request(dev, PLUG, 0, 2)
     request(dev, UNPLUG, 1, 1)
     request(dev, STATE, 0, 1)

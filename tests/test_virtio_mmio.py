@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmmem.devices.notifier import Notifier
 from kvmmem.memory import AddressSpace, HostMemory, MemoryRegion, memory_transaction
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
 from kvmmem.virtio.guest_memory import GuestMemory
@@ -54,7 +55,7 @@ class EchoDevice:
 
     def __init__(self) -> None:
         self.needs_reset = False
-        self.on_config_change: Callable[[], None] | None = None
+        self.config_change_notifiers: Notifier[None] = Notifier()
         self.accept = True
         self.accepted: int | None = None
         self.config = bytearray(struct.pack("<QI", 0x1122334455667788, 0xAABBCCDD))
@@ -93,8 +94,7 @@ class EchoDevice:
 
     def change_config(self) -> None:
         self.config[0] ^= 0xFF
-        assert self.on_config_change is not None
-        self.on_config_change()
+        self.config_change_notifiers.notify(None)
 
 
 class Guest:
@@ -588,9 +588,9 @@ def test_config_change_bumps_generation_and_interrupts_once_running(guest: Guest
 
 
 def test_close_detaches_from_the_device(guest: Guest) -> None:
-    assert guest.device.on_config_change is not None
+    assert len(guest.device.config_change_notifiers) == 1
     guest.transport.close()
-    assert guest.device.on_config_change is None
+    assert len(guest.device.config_change_notifiers) == 0
 
 
 def test_linux_command_line(guest: Guest) -> None:

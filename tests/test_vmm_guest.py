@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges
+from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, memslots_to_map
 
-from kvmmem.devices.memslot_plan import memslots_to_map
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.machine import Machine, MachineConfig, MachineExit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
 from kvmmem.kvm import Vcpu, Vm, exits, x86
@@ -92,3 +93,17 @@ class GuestReader:
         assert isinstance(second, exits.IoExit)
         assert isinstance(self.vcpu.run(), exits.HltExit)
         return struct.unpack("<Q", first.data + second.data)[0], trap
+
+
+def memslots_to_map(mode: str, memslot_size: int, region_size: int, usable_region_size: int,
+                    bitmap: PlugBitmap | None) -> frozenset[int]:
+    """The grid memslots a mode must map, computed here from the mode's
+    definition (independently of the device's policy objects)."""
+    if mode == "single":
+        return frozenset({0})
+    if mode == "usable":
+        return frozenset(range(-(-usable_region_size // memslot_size)))
+    assert bitmap is not None
+    per_slot = memslot_size // (region_size // bitmap.nb_blocks)
+    return frozenset(b // per_slot for first, n in bitmap.plugged_runs()
+                     for b in range(first, first + n))

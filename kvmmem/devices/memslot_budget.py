@@ -7,6 +7,10 @@
 - ``memslots_for_device``: the seed's heuristic, the memslot size and count
   of one device from its share of the device-memory area.
 
+- ``MemoryDeviceListener``: counts each memory device's memslots by
+  listening to the memory layer, as QEMU's ``memory_devices_region_mod``
+  does, so that devices report nothing.
+
 No KVM calls: consumers are callables returning their free slots.
 """
 
@@ -15,19 +19,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 from kvmmem.devices.memory_device import (GiB, MemoryDeviceError, MemslotBudgetError,
                                           _check_int)
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
+from kvmmem.memory.address_space import MemoryListener
+from kvmmem.memory.flatview import FlatRange
+from kvmmem.memory.region import MemoryRegion
 
 # The seed's per-device memslot rules.
 MIN_MEMSLOT_SIZE = GiB
 MAX_MEMSLOTS_PER_DEVICE = 1024
 
 
-@dataclass(frozen=True)
-class Reservation:
-    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``)."""
+class Reservation(NamedTuple):
+    """Memslots a memory device may need (``reserved``) and how many it has mapped (``used``).
+    A named tuple: the memory listener replaces one on every memslot change."""
 
     reserved: int
     used: int = 0
@@ -50,6 +58,9 @@ class MemslotBudget:
     def __init__(self, consumers: Mapping[str, Callable[[], int]] | None = None) -> None:
         self._consumers: dict[str, Callable[[], int]] = dict(consumers or {})
         self._reservations: dict[str, Reservation] = {}
+        # Memslots each device has mapped now, kept apart from the reservations
+        # because the memory listener changes it on every memslot change.
+        self._used: dict[str, int] = {}
 
     @property
     def consumers(self) -> tuple[str, ...]:
@@ -57,7 +68,8 @@ class MemslotBudget:
 
     @property
     def reservations(self) -> Mapping[str, Reservation]:
-        return MappingProxyType(self._reservations)
+        return MappingProxyType({device_id: Reservation(r.reserved, self._used[device_id])
+                                 for device_id, r in self._reservations.items()})
 
     def add_consumer(self, name: str, free_slots: Callable[[], int]) -> None:
         """Register a memslot consumer; refused if it cannot hold the slots memory devices reserved."""
@@ -82,7 +94,7 @@ class MemslotBudget:
     @property
     def outstanding(self) -> int:
         """Slots reserved by memory devices and not yet mapped by them."""
-        return sum(r.outstanding for r in self._reservations.values())
+        return sum(r.outstanding for r in self.reservations.values())
 
     def available(self) -> int:
         """Slots anyone may take now without eating into memory-device reservations."""
@@ -110,23 +122,23 @@ class MemslotBudget:
                                      f"{max(0, free - outstanding)} are available ({free} free, "
                                      f"{outstanding} reserved for other memory devices)")
         self._reservations[device_id] = Reservation(count)
+        self._used[device_id] = 0
 
     def set_used(self, device_id: str, used: int) -> None:
         """Record how many of its reserved slots the device has mapped now
-        (called on every memslot change of the device: kept short)."""
+        (for memslots the memory listener does not see)."""
         reservation = self._reservations.get(device_id) or self._get(device_id)
         if type(used) is not int:
             _check_int("used", used)
         if not 0 <= used <= reservation.reserved:
             raise MemslotBudgetError(f"memory device '{device_id}' cannot use {used} memslots: it reserved "
                                      f"{reservation.reserved}")
-        if used != reservation.used:
-            self._reservations[device_id] = Reservation(reservation.reserved, used)
+        self._used[device_id] = used
 
     def release(self, device_id: str) -> Reservation:
         """Drop a device's reservation (the device is unplugged)."""
-        reservation = self._get(device_id)
-        del self._reservations[device_id]
+        reservation = self.reservations.get(device_id) or self._get(device_id)
+        del self._reservations[device_id], self._used[device_id]
         return reservation
 
     def _get(self, device_id: str) -> Reservation:
@@ -141,6 +153,39 @@ class MemslotBudget:
         if not isinstance(free, int) or isinstance(free, bool) or free < 0:
             raise MemslotBudgetError(f"memslot consumer '{name}' reported {free!r} free memslots")
         return free
+
+
+class MemoryDeviceListener(MemoryListener):
+    """Counts the memslots of each memory device in an address space
+    (QEMU's ``memory_devices_region_mod``, a listener of ``address_space_memory``).
+
+    Every RAM flat range is one memslot; a range whose RAM region belongs to
+    a tracked device counts for that device's reservation in ``budget``.
+    Attach it after the KVM listener: when KVM refuses a memslot, the commit
+    is rolled back before this listener sees the range.
+    """
+
+    def __init__(self, budget: MemslotBudget) -> None:
+        self.budget = budget
+        self._owners: dict[MemoryRegion, str] = {}
+        self._used = budget._used       # same module: one dict update per memslot change
+
+    def track(self, device_id: str, ram: MemoryRegion) -> None:
+        """Count the flat ranges of ``ram`` as ``device_id``'s memslots."""
+        self._owners[ram] = device_id
+
+    def untrack(self, ram: MemoryRegion) -> None:
+        self._owners.pop(ram, None)
+
+    def region_add(self, fr: FlatRange) -> None:
+        device_id = self._owners.get(fr.region)
+        if device_id is not None:
+            self._used[device_id] += 1
+
+    def region_del(self, fr: FlatRange) -> None:
+        device_id = self._owners.get(fr.region)
+        if device_id is not None:
+            self._used[device_id] -= 1
 
 
 @dataclass(frozen=True)

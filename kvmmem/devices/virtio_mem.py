@@ -2,11 +2,19 @@
 
 Transport-independent: ``handle`` takes a request's bytes and returns the
 response's bytes (``None`` for a protocol violation, after which the device
-needs a reset). Each request is parsed, validated in the order of the
-facts file (ERROR, NACK, ERROR, BUSY, ACK), processed, and answered. Memory
-effects go through :class:`~kvmmem.devices.virtio_mem_backing.VirtioMemBacking`;
-a step that fails answers BUSY and leaves bitmap, size, memslots and
-protection as they were.
+needs a reset). A request reads top to bottom as QEMU's
+``virtio_mem_handle_request`` -> ``virtio_mem_plug_request`` ->
+``virtio_mem_state_change_request`` -> ``virtio_mem_set_block_state``:
+range check (ERROR), size check (NACK), state check (ERROR), then one
+state-change step that changes the bitmap, applies the memslot policy's
+answer and guards or releases host pages, and answers ACK, or BUSY with
+nothing changed (VIRTIO 1.2, 5.15.6.2 "Device Requirements: Device
+Operation").
+
+Observers subscribe to ``config_change_notifiers`` (the transport, for its
+config interrupt) and ``size_change_notifiers`` (QMP's
+MEMORY_DEVICE_SIZE_CHANGE); the memslot budget counts the device's
+memslots by listening to the memory layer, so the device reports nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kvmmem.devices.memslot_plan import MemslotMode, PlugBitmap, wanted_memslots
+from kvmmem.devices.block_protection import BlockProtection
+from kvmmem.devices.memslot_policy import MemslotChange, MemslotMode, MemslotPolicy, make_policy
+from kvmmem.devices.notifier import Notifier
+from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
 from kvmmem.devices.virtio_mem_proto import (
     VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, BlockState, Config,
@@ -23,21 +34,23 @@ from kvmmem.devices.virtio_mem_proto import (
     validate_range)
 from kvmmem.devices.virtio_mem_props import (
     ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size)
-from kvmmem.kvm.error import KvmError
 from kvmmem.memory.host import HostMemory, HostMemoryError
 from kvmmem.memory.region import MemoryRegion
 
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 128
-_HOST_FAILURES = (KvmError, HostMemoryError, OSError)
+# A memslot KVM refuses reaches the device as the memory layer's listener
+# error (KvmError is an OSError), a failed madvise as HostMemoryError.
+_HOST_FAILURES = (HostMemoryError, OSError)
 
 
 class VirtioMem:
     """One virtio-mem device (VIRTIO 1.2, "Memory Device").
 
     Created unplugged; ``realize`` (called by the machine) gives it its
-    guest address and memslot size and maps what the mode wants.
+    guest address and memslot size, chooses its memslot policy and maps
+    what the policy wants.
     """
 
     device_id = VIRTIO_ID_MEM
@@ -46,9 +59,10 @@ class VirtioMem:
     def __init__(self, props: VirtioMemProps) -> None:
         self.props = props
         self.memdev = props.memdev or HostMemory(props.region_size, name=f"{props.id}-memdev")
-        self.on_config_change: Callable[[], None] | None = None
-        self.on_size_change: Callable[[int], None] | None = None
-        self.on_memslots_change: Callable[[int], None] | None = None
+        self.config_change_notifiers: Notifier[None] = Notifier()
+        self.size_change_notifiers: Notifier[int] = Notifier()
+        self.admit_requested_size: Callable[[int], None] | None = None
+        """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
         self.driver_features = 0
         self.addr = -1
@@ -56,6 +70,8 @@ class VirtioMem:
         self.usable_region_size = 0
         self.backing: VirtioMemBacking | None = None
         self.bitmap: PlugBitmap | None = None
+        self.policy: MemslotPolicy | None = None
+        self.protection: BlockProtection | None = None
 
     # -- life cycle (machine side) -----------------------------------------
 
@@ -79,18 +95,28 @@ class VirtioMem:
     def realized(self) -> bool:
         return self.backing is not None
 
+    @property
+    def ram(self) -> MemoryRegion:
+        """The device's RAM region (what its memslots alias)."""
+        return self._backing().ram
+
     def realize(self, addr: int, memslot_size: int) -> MemoryRegion:
-        """Fix the guest address and memslot size; return the region the
-        machine maps at ``addr`` (call inside a memory transaction)."""
+        """Fix the guest address and memslot size, choose the memslot policy;
+        return the region the machine maps at ``addr`` (call inside a memory
+        transaction)."""
         if self.backing is not None:
             raise RuntimeError(f"{self.id} is already realized")
-        backing = VirtioMemBacking(self.memdev, self.props.memslots, memslot_size,
-                                   self.block_size, self.props.protect is ProtectMode.BLOCK)
-        bits = self.bitmap = PlugBitmap(self.region_size // self.block_size,
-                                        backing.blocks_per_memslot)
-        self.backing, self.addr = backing, addr
+        bits = PlugBitmap(self.region_size // self.block_size)
+        policy = make_policy(self.props.memslots, self.region_size, memslot_size,
+                             self.block_size, bits)
+        backing = VirtioMemBacking(self.memdev, policy.maps_aliases, policy.alias_name)
+        protection = None
+        if self.props.protect is ProtectMode.BLOCK:
+            protection = BlockProtection(self.memdev, self.block_size, bits, policy.memslot_at)
+        self.backing, self.bitmap, self.policy, self.protection = backing, bits, policy, protection
+        self.addr = addr
         self.usable_region_size = self._usable_target()
-        self._sync_memslots(backing, bits)
+        self._apply(policy.resync(self.usable_region_size))
         return backing.top
 
     def unrealize(self) -> MemoryRegion:
@@ -98,10 +124,15 @@ class VirtioMem:
         backing = self._backing()
         self._unplug_all()
         self.usable_region_size = 0
-        if backing.mode is not MemslotMode.SINGLE:
-            backing.set_mapped(frozenset(), self._bits())
-        self.backing, self.bitmap, self.addr = None, None, -1
+        self._apply(self._policy().unmap_all())
+        self.unbind()
         return backing.top
+
+    def unbind(self) -> None:
+        """Forget the machine-side state (after unrealize, or a realize the
+        machine rolled back)."""
+        self.backing = self.bitmap = self.policy = self.protection = None
+        self.addr = -1
 
     def system_reset(self) -> None:
         """Machine reset: everything is unplugged, the usable region shrinks."""
@@ -152,23 +183,30 @@ class VirtioMem:
         try:
             req = Request.parse(request)
         except MalformedRequest as exc:
-            return self._violation(str(exc))
+            self._violation(str(exc))
+            return None
         if queue != 0 or response_capacity < 10:
-            return self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            self._violation(f"response buffer of {response_capacity} bytes on queue {queue}")
+            return None
         return self.process(req).pack()
 
     # -- requests -----------------------------------------------------------
 
     def process(self, req: Request) -> Response:
-        """Validate, process and answer one parsed request."""
+        """Validate, process and answer one parsed request
+        (``virtio_mem_handle_request``)."""
         bits = self.bitmap
-        if self.backing is None or bits is None:
+        if bits is None:
             return Response.error()
         rtype = req.type
         if rtype is RequestType.UNPLUG_ALL:
-            return self._step(self._unplug_all)
+            try:
+                self._unplug_all()
+            except _HOST_FAILURES as exc:
+                return self._busy(exc)
+            return Response.ack()
         block_size = self.props.block_size
-        try:
+        try:                                                    # range check: ERROR
             first = validate_range(req.addr, req.nb_blocks, region_addr=self.addr,
                                    usable_region_size=self.usable_region_size,
                                    block_size=block_size)
@@ -180,69 +218,102 @@ class VirtioMem:
             return Response.ack(bits.state(first, n))
         plug = rtype is RequestType.PLUG
         if plug and self.plugged_size + n * block_size > self.props.requested_size:
-            return Response.nack()
+            return Response.nack()                              # size check: NACK
         if bits.any_in_state(first, n, plugged=plug):
-            return Response.error()
-        return self._step(self._plug if plug else self._unplug, first, n)
-
-    def _step(self, step: Callable[..., None], *args: int) -> Response:
-        """Do a validated request: ACK, or BUSY if the host side failed (then
-        nothing changed)."""
+            return Response.error()                             # state check: ERROR
         try:
-            step(*args)
+            if plug:
+                self._plug(first, n)
+            else:
+                self._unplug(first, n)
         except _HOST_FAILURES as exc:
-            log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
-            return Response.busy()
+            return self._busy(exc)
         return Response.ack()
 
-    # PLUG and UNPLUG change only the memslots they touch: in dynamic mode
-    # exactly those the bitmap reports populated or emptied (the mapped
-    # memslots are the populated ones), in the other modes none.
+    def _busy(self, exc: BaseException) -> Response:
+        """A state change failed on the host side and changed nothing: BUSY."""
+        log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
+        return Response.busy()
+
+    # The state changes (virtio_mem_set_block_state). Each one either
+    # completes or raises with bitmap, memslots and guards as they were.
 
     def _plug(self, first: int, n: int) -> None:
-        backing, bits = self.backing, self.bitmap
-        assert backing is not None and bits is not None     # process() checked
-        backing.acquire(first, n, self.props.prealloc)
-        populated = bits.plug(first, n)
-        if populated and backing.mode is MemslotMode.DYNAMIC:
+        bits, policy, protection = self.bitmap, self.policy, self.protection
+        assert bits is not None and policy is not None      # process() checked
+        bs = self.props.block_size
+        if protection is not None:
+            protection.before_plug(first, n)
+        try:
+            if self.props.prealloc:
+                self.memdev.populate(first * bs, n * bs)
+            bits.set(first, n, True)
             try:
-                self._remap(backing, bits, (), populated)
+                self._apply(policy.plug(first, n))
             except BaseException:
-                bits.unplug(first, n)
-                backing.release([(first, n)])
+                bits.set(first, n, False)
                 raise
+        except BaseException:
+            self._release(first, n)
+            raise
         self._set_plugged(bits)
 
     def _unplug(self, first: int, n: int) -> None:
-        backing, bits = self.backing, self.bitmap
-        assert backing is not None and bits is not None     # process() checked
-        emptied = bits.unplug(first, n)
-        if emptied and backing.mode is MemslotMode.DYNAMIC:
-            try:
-                self._remap(backing, bits, emptied, ())
-            except BaseException:
-                bits.plug(first, n)
-                raise
-        backing.release([(first, n)])
+        bits, policy = self.bitmap, self.policy
+        assert bits is not None and policy is not None      # process() checked
+        bits.set(first, n, False)
+        try:
+            self._apply(policy.unplug(first, n))
+        except BaseException:
+            bits.set(first, n, True)
+            raise
+        self._release(first, n)
         self._set_plugged(bits)
 
     def _unplug_all(self) -> None:
-        backing, bits = self._backing(), self._bits()
+        bits, policy = self._bits(), self._policy()
         runs = list(bits.plugged_runs())
         old_usable = self.usable_region_size
-        bits.clear()
+        bits.clear(runs)
         self.usable_region_size = self._usable_target()
         try:
-            self._sync_memslots(backing, bits)
+            self._apply(policy.resync(self.usable_region_size))
         except BaseException:
             for first, n in runs:
-                bits.plug(first, n)
+                bits.set(first, n, True)
             self.usable_region_size = old_usable
             raise
-        backing.release(runs)
+        for first, n in runs:
+            self._release(first, n)
         self._set_plugged(bits)
-        if self.usable_region_size != old_usable:
-            self._notify_config()
+        if self.usable_region_size != old_usable and self.config_change_notifiers:
+            self.config_change_notifiers.notify(None)
+
+    def _apply(self, change: MemslotChange) -> None:
+        """Unmap and map what the policy answered (``virtio_mem_activate_memslot``
+        and its reverse), guarding the unplugged blocks of mapped memslots."""
+        if not (change.unmap or change.map):
+            return
+        backing, policy, protection = self.backing, self.policy, self.protection
+        assert backing is not None and policy is not None   # realized
+        if protection is not None:
+            protection.before_map(change.map)
+        try:
+            backing.remap(change.unmap, change.map)
+        except BaseException:
+            if protection is not None:
+                protection.after_unmap(change.map)
+            raise
+        policy.commit(change)
+        if protection is not None:
+            protection.after_unmap(change.unmap)
+
+    def _release(self, first: int, n: int) -> None:
+        """Give unplugged blocks back to the host (guarded first where mapped)."""
+        bs = self.props.block_size
+        if self.protection is not None:
+            self.protection.after_unplug(first, n)
+        self.memdev.discard(first * bs, n * bs)
 
     # -- control (QMP-like) -----------------------------------------------
 
@@ -251,17 +322,23 @@ class VirtioMem:
         check_requested_size(self.id, size, self.region_size, self.block_size)
         if size == self.requested_size:
             return
+        if self.admit_requested_size is not None:
+            try:
+                self.admit_requested_size(size)
+            except ValueError as exc:
+                raise VirtioMemPropertyError(str(exc)) from None
         old_requested, old_usable = self.requested_size, self.usable_region_size
         self.props.requested_size = size
         if self.realized:
             self.usable_region_size = max(old_usable, self._usable_target())
             try:
-                self._sync_memslots(self._backing(), self._bits())
+                self._apply(self._policy().resync(self.usable_region_size))
             except _HOST_FAILURES as exc:
                 self.props.requested_size, self.usable_region_size = old_requested, old_usable
                 raise VirtioMemPropertyError(f"{self.id}: cannot map memslots for "
                                              f"requested-size {size:#x}: {exc}") from exc
-        self._notify_config()
+        if self.config_change_notifiers:
+            self.config_change_notifiers.notify(None)
 
     def properties(self) -> dict[str, Any]:
         """Every property under its QEMU name, plus the live sizes."""
@@ -279,57 +356,44 @@ class VirtioMem:
     def _usable_target(self) -> int:
         return usable_region_size(self.region_size, self.requested_size, self.block_size)
 
-    def _sync_memslots(self, backing: VirtioMemBacking, bits: PlugBitmap) -> None:
-        """Map exactly the memslots the mode wants now."""
-        if backing.mode is MemslotMode.SINGLE:
-            return
-        before = backing.nb_mapped
-        backing.set_mapped(wanted_memslots(backing.mode, backing.memslot_size,
-                                           self.usable_region_size, bits), bits)
-        if backing.nb_mapped != before and self.on_memslots_change is not None:
-            self.on_memslots_change(backing.nb_mapped)
-
-    def _remap(self, backing: VirtioMemBacking, bits: PlugBitmap,
-               unmap: tuple[int, ...], map: tuple[int, ...]) -> None:
-        backing.remap(unmap, map, bits)
-        if self.on_memslots_change is not None:
-            self.on_memslots_change(backing.nb_mapped)
-
     def _set_plugged(self, bits: PlugBitmap) -> None:
         size = bits.plugged_count * self.props.block_size
         if size != self.plugged_size:
             self.plugged_size = size
-            if self.on_size_change is not None:
-                self.on_size_change(size)
-
-    def _notify_config(self) -> None:
-        if self.on_config_change is not None:
-            self.on_config_change()
+            if self.size_change_notifiers:
+                self.size_change_notifiers.notify(size)
 
     def _violation(self, why: str) -> None:
         log.warning("%s: protocol violation, device needs reset: %s", self.id, why)
         self.needs_reset = True
-        return None
+
+    def _not_realized(self) -> RuntimeError:
+        return RuntimeError(f"{self.id} is not realized (plug it into a machine first)")
 
     def _backing(self) -> VirtioMemBacking:
         if self.backing is None:
-            raise RuntimeError(f"{self.id} is not realized (plug it into a machine first)")
+            raise self._not_realized()
         return self.backing
 
     def _bits(self) -> PlugBitmap:
         if self.bitmap is None:
-            raise RuntimeError(f"{self.id} is not realized (plug it into a machine first)")
+            raise self._not_realized()
         return self.bitmap
+
+    def _policy(self) -> MemslotPolicy:
+        if self.policy is None:
+            raise self._not_realized()
+        return self.policy
 
     @property
     def memslot_size(self) -> int:
-        return self._backing().memslot_size
+        return self._policy().memslot_size
 
     @property
     def mapped_memslots(self) -> frozenset[int]:
-        """Indices of the memslots mapped now (single mode: {0})."""
-        backing = self._backing()
-        return frozenset({0}) if backing.mode is MemslotMode.SINGLE else backing.mapped
+        """Grid indices of the memslots mapped now (single mode: {0})."""
+        policy = self._policy()
+        return frozenset(span.offset // policy.memslot_size for span in policy.mapped)
 
     def state_of(self, block: int) -> BlockState:
         return BlockState.PLUGGED if self._bits().is_plugged(block) else BlockState.UNPLUGGED

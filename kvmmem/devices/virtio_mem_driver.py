@@ -10,7 +10,7 @@ test guest under ``tests/guest`` does the same from inside a VM.
 
 from __future__ import annotations
 
-from kvmmem.devices.memslot_plan import PlugBitmap
+from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, ResponseType
 

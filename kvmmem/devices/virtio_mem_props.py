@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
 from kvmmem.memory.host import HostMemory
 
@@ -116,6 +116,9 @@ class VirtioMemProps:
             if key not in known:
                 raise VirtioMemPropertyError(f"virtio-mem has no property {key!r}")
             kwargs[known[key]] = value
+        if kwargs.get("block_size", MIN_BLOCK_SIZE) == 0:      # 0 is only the API's "default"
+            raise VirtioMemPropertyError(f"'block-size' property has to be at least "
+                                         f"{MIN_BLOCK_SIZE:#x}")  # virtio_mem_set_block_size
         return cls(**kwargs)
 
 

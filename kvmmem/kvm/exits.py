@@ -55,10 +55,12 @@ class FailEntryExit(VcpuExit):
 
 @dataclass(frozen=True, slots=True)
 class InternalErrorExit(VcpuExit):
-    """KVM could not handle an exit itself (e.g. emulation failed)."""
+    """KVM could not handle an exit itself (e.g. emulation failed).
+    ``ndata`` is how many words of ``data`` KVM filled (at most 16 are kept)."""
 
     suberror: int
     data: tuple[int, ...] = field(default_factory=tuple)
+    ndata: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,7 +174,8 @@ class Vcpu(FdObject):
             return exits.FailEntryExit(reason, f.hardware_entry_failure_reason, f.cpu)
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             ie = run.internal
-            return exits.InternalErrorExit(reason, ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]))
+            return exits.InternalErrorExit(reason, ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]),
+                                           ie.ndata)
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             se = run.system_event
             return exits.SystemEventExit(reason, se.type, tuple(se.data[0:min(se.ndata, 16)]))

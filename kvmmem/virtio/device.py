@@ -11,11 +11,22 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-__all__ = ["VirtioDevice", "VIRTIO_F_VERSION_1"]
+__all__ = ["VirtioDevice", "NotifierList", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
 """Feature bit of a non-legacy (VIRTIO 1.x) device; virtio-mmio version 2
 offers and requires it."""
+
+
+class NotifierList(Protocol):
+    """Observers of one event (QEMU's ``NotifierList``): the transport
+    subscribes, the device notifies."""
+
+    def add(self, observer: Callable[[None], None]) -> Callable[[None], None]: ...
+
+    def remove(self, observer: Callable[[None], None]) -> None: ...
+
+    def __contains__(self, observer: object) -> bool: ...
 
 
 @runtime_checkable
@@ -31,11 +42,14 @@ class VirtioDevice(Protocol):
     needs_reset: bool
     """Set by the device when the driver broke the protocol (DEVICE_NEEDS_RESET)."""
 
-    on_config_change: Callable[[], None] | None
-    """Installed by the transport; the device calls it, from any thread, after
-    its configuration space changed.  The transport takes its own lock in
-    there, so a device must not call it while holding a lock that its
-    :meth:`handle` also takes (calling it from inside ``handle`` is fine)."""
+    @property
+    def config_change_notifiers(self) -> NotifierList:
+        """Notified by the device, from any thread, after its configuration
+        space changed; the transport subscribes when it takes the device and
+        leaves when it closes.  The transport takes its own lock in its
+        observer, so a device must not notify while holding a lock that its
+        :meth:`handle` also takes (notifying from inside ``handle`` is fine)."""
+        ...
 
     def device_features(self) -> int:
         """The 64-bit feature mask the device offers."""

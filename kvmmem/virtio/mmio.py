@@ -109,7 +109,8 @@ class VirtioMmioTransport:
         self._queue_sel = 0
         self._notify_event: NotifyFd | None = None
         self._irq = IrqFd(vm, gsi) if vm is not None and gsi is not None else None
-        device.on_config_change = self._device_config_changed
+        # Observe the device's config changes (it never knows its transport).
+        device.config_change_notifiers.add(self._device_config_changed)
 
     # -- state, for the VMM and tests ---------------------------------------------
 
@@ -481,7 +482,7 @@ class VirtioMmioTransport:
         except ValueError:
             self.stats["bad_config_access"] += 1
 
-    def _device_config_changed(self) -> None:
+    def _device_config_changed(self, _: None = None) -> None:
         with self._lock:
             self._config_generation = (self._config_generation + 1) & _U32
             if self._status & _DRIVER_OK:
@@ -517,8 +518,8 @@ class VirtioMmioTransport:
             irq, self._irq = self._irq, None
             if irq is not None:
                 irq.close()
-            if self.device.on_config_change == self._device_config_changed:
-                self.device.on_config_change = None
+            if self._device_config_changed in self.device.config_change_notifiers:
+                self.device.config_change_notifiers.remove(self._device_config_changed)
 
     def __enter__(self) -> VirtioMmioTransport:
         return self

@@ -48,7 +48,7 @@ __all__ = [
     "BootError", "BootLayout", "BootPlan", "ElfImage", "ElfSegment", "WritePhys",
     "E820_RAM", "E820_RESERVED", "GDT_ADDR", "ZERO_PAGE_ADDR", "STACK_TOP", "CMDLINE_ADDR",
     "CMDLINE_MAX", "parse_elf64", "load_elf64", "build_zero_page", "prepare_boot",
-    "set_boot_registers", "boot", "pc_e820", "pc_ram_writer",
+    "set_boot_registers", "boot", "apply_boot", "pc_e820", "pc_ram_writer",
 ]
 
 WritePhys = Callable[[int, bytes], None]
@@ -363,7 +363,11 @@ def boot(vcpu: "Vcpu", write_phys: WritePhys, kernel: bytes | str | os.PathLike[
     """Load ``kernel``, write the loader's structures and set ``vcpu`` up
     for its 64-bit entry; ``map_size`` is the end of the identity map (the
     end of device memory, at least 4 GiB). Returns where things went."""
-    plan = prepare_boot(kernel, cmdline, e820, map_size)
+    return apply_boot(vcpu, write_phys, prepare_boot(kernel, cmdline, e820, map_size))
+
+
+def apply_boot(vcpu: "Vcpu", write_phys: WritePhys, plan: BootPlan) -> BootLayout:
+    """Write a checked plan to guest memory and set ``vcpu`` up for its entry."""
     for addr, data in plan.writes:
         write_phys(addr, data)
     set_boot_registers(vcpu, plan.layout)

@@ -11,15 +11,19 @@ A bad option is refused with one line that names it and says why.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
-from kvmmem.vmm.units import parse_size
+from kvmmem.vmm.chardev import BufferedOutput, fd_writer
+from kvmmem.vmm.host_signals import HostSignals
+from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
+VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
@@ -50,8 +54,16 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
 def _size(option: str, key: str, value: str) -> int:
     try:
         return parse_size(value)
-    except ValueError:
-        raise OptionError(option, f"{key}={value!r} is not a size (examples: 512M, 2G)") from None
+    except SizeError as exc:
+        raise OptionError(option, f"{key}={value!r} is not a size: {exc.reason} "
+                                  "(examples: 512M, 2G)") from None
+
+
+def _require(option: str, opts: dict[str, str], key: str) -> str:
+    """The value of a parameter the option cannot do without (QEMU's wording)."""
+    if key not in opts:
+        raise OptionError(option, f"Parameter '{key}' is missing")
+    return opts[key]
 
 
 def _bool(option: str, key: str, value: str) -> bool:
@@ -71,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", required=True, metavar="SIZE[,maxmem=SIZE][,slots=N]",
                    help="boot RAM, and the device-memory area (maxmem - RAM + 1 GiB per slot)")
+    p.add_argument("-machine", default="pc",
+                   metavar="[type=]pc[,memslot-metadata-limit=SIZE][,memory-backend=ID]",
+                   help="KVM memslot metadata the memory devices may cost (default: MemTotal/4); "
+                        "boot RAM from a -object (shared, for vhost-user)")
     p.add_argument("-object", action="append", default=[], metavar="memory-backend-ram,id=ID,size=SIZE")
     p.add_argument("-device", action="append", default=[], metavar="virtio-mem,id=ID,memdev=ID,...")
+    p.add_argument("-chardev", action="append", default=[], metavar="socket,id=ID,path=PATH")
     p.add_argument("-kernel", required=True, help="ELF64 kernel for the Linux 64-bit boot protocol")
     p.add_argument("-append", default="", help="kernel command line (after the devices)")
     p.add_argument("-serial", default="stdio", help="stdio, file:PATH or none")
@@ -80,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit instead of resetting when the guest resets")
     p.add_argument("-qmp", default=None, metavar="unix:PATH,server=on,wait=off")
     return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line as QEMU does: an option that takes a value
+    takes the next word whatever it looks like (``-m -1G`` gives -m the
+    value ``-1G``, refused later as a size, not as a missing argument)."""
+    parser = build_parser()
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs is None
+                   for s in a.option_strings}
+    words, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv):
+            words.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            words.append(argv[i])
+            i += 1
+    return parser.parse_args(words)
 
 
 def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None) -> Any:
@@ -90,32 +125,116 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     unknown = set(mem) - {"size", "maxmem", "slots"}
     if unknown:
         raise OptionError("-m", f"unknown key {sorted(unknown)[0]!r}")
-    ram = _size("-m", "size", mem["size"])
+    ram = _size("-m", "size", _require("-m", mem, "size"))
     maxmem = _size("-m", "maxmem", mem["maxmem"]) if "maxmem" in mem else None
     try:
         slots = int(mem.get("slots", "0"))
     except ValueError:
         raise OptionError("-m", f"slots={mem['slots']!r} is not a number") from None
-    backends = {}
-    for text in args.object:
-        obj = parse_keyval("-object", text, "qom-type")
-        if obj["qom-type"] not in BACKENDS:
-            raise OptionError("-object", f"{obj['qom-type']!r} is not one of {', '.join(BACKENDS)}")
-        if "id" not in obj or "size" not in obj:
-            raise OptionError("-object", f"{obj['qom-type']} needs id= and size=")
-        shared = obj["qom-type"] == "memory-backend-memfd" or _bool("-object", "share",
-                                                                      obj.get("share", "off"))
-        backends[obj["id"]] = HostMemory(_size("-object", "size", obj["size"]), obj["id"],
-                                         shared=shared)
-    devices = []
-    for text in args.device:
-        dev = parse_keyval("-device", text, "driver")
-        if dev.pop("driver") not in DEVICE_DRIVERS:
-            raise OptionError("-device", f"only {' and '.join(DEVICE_DRIVERS)} are supported")
-        devices.append(_virtio_mem(dev, backends))
+    _check_memory_map(ram, maxmem, slots)
+    metadata_limit = _machine(args.machine)
+    backends: dict[str, HostMemory] = {}
+    own: list[HostMemory] = []
+    busy: set[str] = set()                     # memdev ids a device already uses
+    try:
+        for text in args.object:
+            obj_id, size, shared = _backend(text)
+            if obj_id in backends:            # QEMU's object_property_try_add() wording
+                raise OptionError("-object", f"attempt to add duplicate property '{obj_id}' to "
+                                             "object (type 'container')")
+            backends[obj_id] = _allocate("-object", obj_id, size, shared)
+        from kvmmem.vmm.cli_vhost import chardevs as _chardevs
+        from kvmmem.vmm.cli_vhost import ram_backend, vhost_user_blk
+
+        chardevs = _chardevs(args.chardev)
+        ram_host = ram_backend(args.machine, backends, ram, busy)
+        devices: list[VirtioMemProps] = []
+        vhost_devices: list[Any] = []
+        for text in args.device:
+            dev = parse_keyval("-device", text, "driver")
+            if dev.get("driver") in VHOST_DRIVERS:
+                del dev["driver"]
+                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices)))
+                continue
+            if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
+                raise OptionError("-device", f"only {', '.join(DEVICE_DRIVERS + VHOST_DRIVERS)} "
+                                             "are supported")
+            del dev["driver"]
+            if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
+                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
+            memdev = dev.get("memdev")
+            if memdev is not None:
+                if memdev in busy:                        # QEMU's virtio_mem_device_realize()
+                    raise OptionError("-device", "'memdev' property specifies a busy memdev: "
+                                                 f"{memdev}")
+                busy.add(memdev)
+            devices.append(_virtio_mem(dev, backends))
+            if "memdev" not in dev and "size" in dev:     # kvmmem's own: memory of its own
+                own.append(_allocate("-device", f"{devices[-1].id}-memdev",
+                                     devices[-1].region_size))
+                devices[-1].memdev = own[-1]
+    except BaseException:
+        for backend in [*backends.values(), *own]:
+            backend.close()
+        raise
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
-                         no_reboot=args.no_reboot)
+                         no_reboot=args.no_reboot, memslot_metadata_limit=metadata_limit,
+                         vhost_devices=vhost_devices, ram_backend=ram_host)
+
+
+def _machine(text: str) -> int | None:
+    """``-machine [type=]pc[,accel=kvm][,memslot-metadata-limit=SIZE][,memory-backend=ID]``:
+    the limit, if given (memory-backend is taken by ``cli_vhost.ram_backend``)."""
+    opts = parse_keyval("-machine", text, "type")
+    unknown = set(opts) - {"type", "accel", "memslot-metadata-limit", "memory-backend"}
+    if unknown:
+        raise OptionError("-machine", f"unknown key {min(unknown)!r}")
+    if opts.get("type", "pc") != "pc":
+        raise OptionError("-machine", f"type={opts['type']!r}: kvmmem has the pc machine only")
+    if opts.get("accel", "kvm") != "kvm":
+        raise OptionError("-machine", f"accel={opts['accel']!r}: kvmmem runs on KVM only")
+    if "memslot-metadata-limit" not in opts:
+        return None
+    return _size("-machine", "memslot-metadata-limit", opts["memslot-metadata-limit"])
+
+
+def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
+    """The pc memory map ``-m`` asks for, checked before anything is mapped:
+    its rules, and an end the boot page tables can map (QEMU checks maxmem
+    against the CPU's physical address bits the same way)."""
+    from kvmmem.devices.memory_device import MachineMemoryMap, MemoryDeviceError
+    from kvmmem.vmm.boot import MAX_MAP_SIZE
+
+    try:
+        layout = MachineMemoryMap(ram, maxmem, slots)
+    except MemoryDeviceError as exc:
+        raise OptionError("-m", str(exc)) from None
+    end = max(r.end for r in layout.regions())
+    if end > MAX_MAP_SIZE:
+        raise OptionError("-m", f"the memory map ends at {end:#x}, beyond the {MAX_MAP_SIZE:#x} "
+                                "bytes of guest-physical address space the machine maps")
+
+
+def _backend(text: str) -> tuple[str, int, bool]:
+    """One ``-object memory-backend-...``: its id, size and whether it is shared."""
+    obj = parse_keyval("-object", text, "qom-type")
+    qom_type = _require("-object", obj, "qom-type")
+    if qom_type not in BACKENDS:
+        raise OptionError("-object", f"{qom_type!r} is not one of {', '.join(BACKENDS)}")
+    if "id" not in obj or "size" not in obj:
+        raise OptionError("-object", f"{qom_type} needs id= and size=")
+    shared = qom_type == "memory-backend-memfd" or _bool("-object", "share",
+                                                         obj.get("share", "off"))
+    return obj["id"], _size("-object", "size", obj["size"]), shared
+
+
+def _allocate(option: str, name: str, size: int, shared: bool = False) -> HostMemory:
+    """A backend's memory; a size the host cannot map is the option's fault."""
+    try:
+        return HostMemory(size, name, shared=shared)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise OptionError(option, f"{name}: cannot allocate size={size:#x}: {exc}") from None
 
 
 def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioMemProps:
@@ -145,25 +264,43 @@ def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioM
 def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
     if spec == "none":
         return None
+    # Written by a thread of their own: a sink that blocks never holds the vCPU.
     if spec == "stdio":
-        out = sys.stdout.buffer
-        return lambda data: (out.write(data), out.flush())  # type: ignore[func-returns-value]
+        return BufferedOutput(fd_writer(sys.stdout.fileno()))
     if spec.startswith("file:"):
-        handle = open(spec[5:], "ab", buffering=0)
-        return handle.write  # type: ignore[return-value]
+        try:
+            fd = os.open(spec[5:], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OptionError("-serial", f"cannot open {spec[5:]!r}: {exc.strerror}") from None
+        return BufferedOutput(fd_writer(fd))
     raise OptionError("-serial", f"{spec!r} is not stdio, file:PATH or none")
 
 
 def main(argv: Sequence[str]) -> int:
-    """Parse, build the machine, run it; the guest's exit status is ours."""
+    """Parse, build the machine, run it; the guest's exit status is ours
+    (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
+    args = parse_args(argv)
+    signals = HostSignals()
+    try:
+        return _build_and_run(args, signals)
+    finally:
+        signals.close()
+
+
+def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
     from kvmmem.kvm import KvmError
     from kvmmem.vmm.machine import Machine
 
-    args = build_parser().parse_args(argv)
     try:
         config = parse_machine(args, _serial_sink(args.serial))
         qmp_path = _qmp_path(args.qmp) if args.qmp else None
-        machine = Machine(config)
+        try:
+            machine = Machine(config)
+        except Exception as exc:
+            option = _option_of(exc)
+            if option is None:
+                raise
+            raise OptionError(option, str(exc)) from None
     except OptionError as exc:
         print(f"kvmmem run: {exc}", file=sys.stderr)
         return 2
@@ -182,17 +319,42 @@ def main(argv: Sequence[str]) -> int:
                 server = None
                 print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
                 return 2
+        signals.attach(machine, server)
         return machine.run()
     finally:
         if server is not None:
             server.close()
         machine.close()
+        if isinstance(config.serial, BufferedOutput):
+            config.serial.close()
+
+
+def _option_of(exc: Exception) -> str | None:
+    """The option a machine-building error comes from, None for a host
+    problem (KVM missing, say). The machine is built from the options that
+    parse_machine checked, so what is left are the rules of the parts: the
+    boot layout (-kernel, or -append for the command line), the RAM mapping
+    (-m), and a device that does not fit or cannot be realized (-device)."""
+    from kvmmem.devices.memory_device import MemoryDeviceError
+    from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+    from kvmmem.memory.host import HostMemoryError
+    from kvmmem.vmm.boot import BootError
+
+    if isinstance(exc, BootError):
+        return "-append" if "command line" in str(exc) else "-kernel"
+    if isinstance(exc, HostMemoryError):
+        return "-m" if "'pc.ram'" in str(exc) else "-device"
+    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError)):
+        return "-device"
+    return None
 
 
 def _qmp_path(spec: str) -> str:
     opts = parse_keyval("-qmp", spec, "path")
+    if "path" not in opts:
+        raise OptionError("-qmp", "no socket given: the first item must be unix:PATH")
     path = opts.pop("path")
-    if not path.startswith("unix:"):
+    if not path.startswith("unix:") or len(path) == 5:
         raise OptionError("-qmp", "only unix:PATH sockets are supported")
     for key, value in opts.items():
         if key not in ("server", "wait"):

@@ -11,21 +11,26 @@ counted and reported.
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmmem.devices.notifier import Notifier
+from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
-from kvmmem.kvm import Kvm, exits, lib
+from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
-from kvmmem.memory import RegionKind
+from kvmmem.memory import HostMemory, RegionKind
+from kvmmem.vhost.backends import VhostBackends
 from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
-from kvmmem.vmm import boot
+from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.serial import Serial16550
+from kvmmem.vmm.unplugged import UnpluggedAccess, UnpluggedAccessLog
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +53,18 @@ class MachineConfig:
     cmdline: str = ""
     memory_devices: list[VirtioMemProps] = field(default_factory=list)
     serial: Callable[[bytes], None] | None = None
+    """Takes the UART's output in the vCPU thread, under ``Machine.lock``: it
+    must not block (a sink that does I/O goes through chardev.BufferedOutput)."""
     no_reboot: bool = False
+    memslot_metadata_limit: int | None = None
+    """KVM memslot metadata the memory devices may cost; None: MemTotal / 4."""
+    vhost_devices: list[VhostUserBlkProps] = field(default_factory=list)
+    ram_backend: HostMemory | None = None
 
 
-@dataclass(frozen=True)
-class UnpluggedAccess:
-    """A guest access to device memory no plugged block backs."""
-
-    device: str
-    address: int
-    vcpu: int
-    is_write: bool
+INTERNAL_ERROR_STATUS = 1
+"""What :meth:`Machine.run` returns after an internal error when nobody
+(no monitor) asked to keep the stopped machine."""
 
 
 class MachineExit(Exception):
@@ -69,26 +75,46 @@ class MachineExit(Exception):
         self.status = status
 
 
+class _VcpuStopped(Exception):
+    """Raised inside the run loop when the vCPU cannot go on (internal error)."""
+
+
 class Machine:
     """A VM ready to run ``config.kernel`` under the Linux boot protocol."""
 
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
         self.config = config
+        # The only read of the kernel file: the parsed image stays in memory
+        # and every reset loads it from there, as QEMU's rom blobs are copied
+        # back to guest memory on reset (hw/core/loader.c, rom_reset).
+        self.kernel_image = boot.parse_elf64(config.kernel)
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
         self.vm.create_pit2(lib.KVM_PIT_SPEAKER_DUMMY)
-        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots)
+        self.memory = MachineMemory(self.vm, config.ram_size, config.maxmem, config.slots,
+                                    config.memslot_metadata_limit, ram_host=config.ram_backend)
         self.guest_memory = GuestMemory(self.memory.address_space)
+        self.vhost = VhostBackends(self.memory, self.vm, self.guest_memory)
         self.serial = Serial16550(config.serial or (lambda data: None), SERIAL_BASE)
         self.devices: dict[str, VirtioMem] = {}
         self.transports: list[VirtioMmioTransport] = []
-        self.unplugged_accesses: list[UnpluggedAccess] = []
-        self.on_unplugged_access: Callable[[UnpluggedAccess], None] | None = None
-        self.on_reset: Callable[[int], None] | None = None
+        self.unplugged = UnpluggedAccessLog()
+        """Guest accesses to unplugged memory: a count and the most recent ones."""
+        self._warning: str | None = None          # logged once the lock is released
+        self.unplugged_access_notifiers: Notifier[UnpluggedAccess] = Notifier()
+        self.reset_notifiers: Notifier[int] = Notifier()
         """Called after each system reset with the number of resets so far."""
+        self.internal_error: str | None = None
+        """Why the vCPU stopped, while it is stopped on an error (QEMU's
+        ``internal-error`` run state); a reset clears it and runs the guest."""
+        self.internal_error_notifiers: Notifier[str] = Notifier()
+        """Called (vCPU thread, no lock held) when the vCPU stops on an error."""
+        self.stop_on_internal_error = False
+        """Keep the machine, stopped, after an internal error (a monitor can
+        reset or quit it); otherwise :meth:`run` returns INTERNAL_ERROR_STATUS."""
         self.resets = 0
         self.lock = threading.RLock()
         """Held while an exit is handled; other threads (QMP) take it to change devices."""
@@ -97,14 +123,22 @@ class Machine:
         self._running = threading.Event()
         self._running.set()
         self._parked = threading.Event()       # set while run() waits in pause
+        self._park_lock = threading.Lock()     # orders parking and reset requests
         self._run_thread: int | None = None
         _install_kick_handler()
+        # vhost-user back-ends first, so that the memory devices' memslot counts
+        # respect their limits; their virtio-mmio windows come after the memory devices'.
+        for vhost_props in config.vhost_devices:
+            self.vhost.connect(vhost_props)
         for index, props in enumerate(config.memory_devices):
+            self.vhost.check_memory_device(props.memdev, props.id)
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        for vhost_props in config.vhost_devices:
+            self._add_vhost_transport(vhost_props.id)
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
         self._power_on_state = self._save_cpu_and_irqchip()
-        self.layout = self._load()
+        self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), self._boot_plan())
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
@@ -115,32 +149,53 @@ class Machine:
         self.devices[props.id] = dev
         self.transports.append(transport)
 
+    def add_vhost_user_blk(self, props: VhostUserBlkProps) -> None:
+        """Add a vhost-user-blk device now (refused, nothing changed, when its back-end
+        cannot hold the memslots in use and reserved); the guest sees it after a reset."""
+        with self.lock:
+            self.vhost.connect(props)
+            self._add_vhost_transport(props.id)
+
+    def _add_vhost_transport(self, dev_id: str) -> None:
+        index = len(self.transports)
+        transport = self.vhost.realize(dev_id, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
+        self.memory.system.add_subregion(transport.base or 0, transport.region)
+        self.transports.append(transport)
+
     @property
     def cmdline(self) -> str:
         """The kernel command line: the devices in Linux's syntax, then the user's."""
         parts = ["console=ttyS0"] + [t.linux_cmdline() for t in self.transports]
         return " ".join(parts + ([self.config.cmdline] if self.config.cmdline else []))
 
-    def _load(self) -> boot.BootLayout:
+    def _ram_below_above_4g(self) -> tuple[int, int]:
         layout = self.memory.layout
-        below = layout.ram_below_4g.size if layout.ram_below_4g else 0
-        above = layout.ram_above_4g.size if layout.ram_above_4g else 0
-        area = layout.device_memory
+        return (layout.ram_below_4g.size if layout.ram_below_4g else 0,
+                layout.ram_above_4g.size if layout.ram_above_4g else 0)
+
+    def _ram_writer(self) -> boot.WritePhys:
+        return boot.pc_ram_writer(self.memory.ram_host, self._ram_below_above_4g()[0])
+
+    def _boot_plan(self) -> boot.BootPlan:
+        """What loading the kernel writes (pure: checks only, nothing written)."""
+        below, above = self._ram_below_above_4g()
+        area = self.memory.layout.device_memory
         map_size = max(4 << 30, area.start + area.size if area else 4 << 30,
                        (4 << 30) + above)
-        return boot.boot(self.vcpu, boot.pc_ram_writer(self.memory.ram_host, below),
-                         self.config.kernel, self.cmdline, boot.pc_e820(below, above), map_size)
+        return boot.prepare_boot(self.kernel_image, self.cmdline, boot.pc_e820(below, above),
+                                 map_size)
 
     # -- running -----------------------------------------------------------
 
     def request_reset(self) -> None:
         """Reset the machine; safe from any thread. A paused machine is reset
         at once, a running one before its vCPU runs guest code again."""
-        if self._parked.is_set():
-            with self.lock:
-                self.reset()
-            return
-        self._reset_pending = True
+        with self._park_lock:
+            if self._parked.is_set():          # and stays parked until we are done
+                with self.lock:
+                    self.reset()
+                return
+            self._reset_pending = True
         self.vcpu.kick()
 
     def pause(self, timeout: float = 10.0) -> None:
@@ -153,8 +208,16 @@ class Machine:
                 raise TimeoutError("the vCPU did not stop")
 
     def resume(self) -> None:
-        """Run guest code again (QMP ``cont``)."""
+        """Run guest code again (QMP ``cont``); after an internal error only
+        a reset can (QEMU's ``runstate_needs_reset``)."""
+        if self.internal_error is not None:
+            raise RuntimeError("the vCPU stopped on an internal error: reset the machine")
         self._running.set()
+
+    @property
+    def unplugged_accesses(self) -> collections.deque[UnpluggedAccess]:
+        """The most recent guest accesses to unplugged memory, oldest first."""
+        return self.unplugged.recent
 
     @property
     def paused(self) -> bool:
@@ -172,23 +235,53 @@ class Machine:
         self._run_thread = threading.get_ident()
         try:
             while self._stop_status is None:
-                if not self._running.is_set():
-                    self._parked.set()
-                    self._running.wait()
-                    self._parked.clear()
+                if self._park_or_reset():
                     continue
-                if self._reset_pending:
+                try:
+                    ex = self.vcpu.run()
+                except KvmError as exc:
+                    self._stop_on_error(fatal_exits.describe(self.vcpu, exc))
+                    continue
+                try:
                     with self.lock:
-                        self._reset_pending = False
-                        self.reset()
-                ex = self.vcpu.run()
-                with self.lock:
-                    self._handle(ex)
+                        self._handle(ex)
+                except _VcpuStopped:           # reported without the lock held
+                    self._stop_on_error(fatal_exits.describe(self.vcpu, ex))
+                finally:
+                    if self._warning is not None:
+                        log.warning("%s", self._warning)
+                        self._warning = None
             return self._stop_status
         except MachineExit as stop:
             return stop.status
         finally:
             self._run_thread = None
+
+    def _park_or_reset(self) -> bool:
+        """Do a requested reset, or wait while paused; True when done either."""
+        with self._park_lock:
+            reset, self._reset_pending = self._reset_pending, False
+            park = not reset and not self._running.is_set()
+            if park:
+                self._parked.set()
+        if reset:
+            with self.lock:
+                self.reset()
+        elif park:
+            self._running.wait()
+            with self._park_lock:             # not while request_reset resets
+                self._parked.clear()
+        return reset or park
+
+    def _stop_on_error(self, message: str) -> None:
+        """QEMU's ``vm_stop(RUN_STATE_INTERNAL_ERROR)``: report once, stop the vCPU."""
+        if not self.stop_on_internal_error:
+            log.error("%s; stopping the machine", message)
+            raise MachineExit(INTERNAL_ERROR_STATUS)
+        log.error("%s; the vCPU is stopped (internal-error) until a system reset", message)
+        self.internal_error = message
+        self._running.clear()
+        self.internal_error_notifiers.notify(message)
 
     def _handle(self, ex: exits.VcpuExit) -> None:
         if isinstance(ex, exits.IoExit):
@@ -196,7 +289,8 @@ class Machine:
         elif isinstance(ex, exits.MmioExit):
             self._mmio(ex)
         elif isinstance(ex, exits.MemoryFaultExit):
-            self._unplugged(ex.gpa, False, fatal=True)
+            self._unplugged(ex.gpa, False)
+            raise _VcpuStopped()
         elif isinstance(ex, exits.ShutdownExit) or (
                 isinstance(ex, exits.SystemEventExit) and ex.type == lib.KVM_SYSTEM_EVENT_RESET):
             self._reboot("triple fault" if isinstance(ex, exits.ShutdownExit) else "reset event")
@@ -204,9 +298,8 @@ class Machine:
             raise MachineExit(0)
         elif isinstance(ex, (exits.HltExit, exits.IntrExit)):
             return
-        else:
-            raise RuntimeError(f"vCPU {self.vcpu.id} stopped: {ex} "
-                               f"at rip {self.vcpu.get_regs().rip:#x}")
+        else:                 # internal error, failed entry, unknown exit: QEMU stops
+            raise _VcpuStopped()
 
     def _port_io(self, ex: exits.IoExit) -> None:
         port = ex.port
@@ -240,18 +333,12 @@ class Machine:
         if not ex.is_write:
             self.vcpu.complete_mmio_read(b"\xff" * ex.length)
 
-    def _unplugged(self, address: int, is_write: bool, fatal: bool = False) -> None:
+    def _unplugged(self, address: int, is_write: bool) -> None:
         owner = next((d.id for d in self.devices.values()
                       if d.addr <= address < d.addr + d.region_size), "")
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
-        self.unplugged_accesses.append(access)
-        log.warning("vCPU %d: %s of unplugged/unassigned memory at %#x%s", access.vcpu,
-                    "write" if is_write else "read", address, f" ({owner})" if owner else "")
-        if self.on_unplugged_access is not None:
-            self.on_unplugged_access(access)
-        if fatal:
-            raise RuntimeError(f"vCPU {access.vcpu}: memory fault at {address:#x}: this host "
-                               "cannot emulate the access (hardware virtualization)")
+        self._warning = self.unplugged.record(access)     # None while rate-limited
+        self.unplugged_access_notifiers.notify(access)
 
     def _reboot(self, why: str) -> None:
         if self.config.no_reboot:
@@ -262,16 +349,21 @@ class Machine:
 
     def reset(self) -> None:
         """System reset: memory devices unplug everything, transports and
-        UART reset, the kernel is loaded again and the vCPU restarted."""
+        UART reset, the kernel is loaded again from the image read at start
+        and the vCPU restarted. The boot plan is computed before anything
+        changes, so a reset that cannot load the kernel changes nothing."""
+        plan = self._boot_plan()
         self.resets += 1
+        stopped_on_error, self.internal_error = self.internal_error, None
         self._restore_cpu_and_irqchip(self._power_on_state)
         self.memory.system_reset()
         for transport in self.transports:
             transport.reset()
         self.serial.reset()
-        self.layout = self._load()
-        if self.on_reset is not None:
-            self.on_reset(self.resets)
+        self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), plan)
+        if stopped_on_error is not None:      # QEMU leaves internal-error on reset
+            self._running.set()
+        self.reset_notifiers.notify(self.resets)
 
     def _save_cpu_and_irqchip(self) -> tuple:  # type: ignore[type-arg]
         chips = [self.vm.get_irqchip(chip) for chip in
@@ -296,6 +388,7 @@ class Machine:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
         for transport in self.transports:
             transport.close()
+        self.vhost.close()
         self.memory.close()
         self.vm.close()
 

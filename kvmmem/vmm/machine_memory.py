@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmmem.devices.memory_device import DeviceMemory, MachineMemoryMap, MemoryDeviceError
-from kvmmem.devices.memslot_budget import MemslotBudget, MemslotSplit, memslots_for_device
-from kvmmem.devices.memslot_plan import MemslotMode
+from kvmmem.devices.memslot_budget import (MemoryDeviceListener, MemslotBudget, MemslotSplit,
+                                           memslots_for_device)
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
 from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
                            memory_transaction, mtree_info)
+from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
 
 SYSTEM_SIZE = 1 << 64
 
@@ -36,12 +38,21 @@ class DeviceMemslot:
 class MachineMemory:
     """Boot RAM, device memory and memory devices of one VM."""
 
-    def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0) -> None:
+    def __init__(self, vm: Vm, ram_size: int, maxmem: int | None = None, slots: int = 0,
+                 metadata_limit: int | None = None, ram_host: HostMemory | None = None) -> None:
+        """``ram_host`` backs boot RAM (QEMU's ``-machine memory-backend=ID``; shared
+        for vhost-user); without it boot RAM is private anonymous memory."""
+        if ram_host is not None and ram_host.size != ram_size:
+            raise MemoryDeviceError(f"the RAM size {ram_size:#x} does not match the size "
+                                    f"{ram_host.size:#x} of memory backend '{ram_host.name}'")
         self.vm = vm
+        self.metadata_limit = default_limit() if metadata_limit is None else metadata_limit
+        """Bytes of KVM memslot metadata all memory devices may cost
+        (estimated, see :mod:`kvmmem.vmm.memslot_metadata`)."""
         self.layout = MachineMemoryMap(ram_size, maxmem, slots)
         self.budget = MemslotBudget({"kvm": lambda: vm.free_memslots})
         self.device_memory = DeviceMemory.for_machine(self.layout)
-        self.ram_host = HostMemory(ram_size, "pc.ram")
+        self.ram_host = ram_host or HostMemory(ram_size, "pc.ram")
         self.system = MemoryRegion.container("system", SYSTEM_SIZE)
         self.pc_ram = MemoryRegion.ram("pc.ram", self.ram_host)
         self.devices: dict[str, VirtioMem] = {}
@@ -61,6 +72,9 @@ class MachineMemory:
         self.address_space = AddressSpace(self.system, "memory")
         self.kvm_listener = KvmMemoryListener(vm)
         self.address_space.add_listener(self.kvm_listener)
+        # After the KVM listener: it counts only memslots KVM accepted.
+        self.device_memslots_listener = MemoryDeviceListener(self.budget)
+        self.address_space.add_listener(self.device_memslots_listener)
 
     # -- memory devices ------------------------------------------------------
 
@@ -73,32 +87,40 @@ class MachineMemory:
                                     "(start it with maxmem larger than its RAM)")
         if dev.id in self.devices:
             raise MemoryDeviceError(f"a device with id {dev.id!r} is already plugged")
+        self._check_memdev_free(dev)
         split = self._memslot_split(dev, area.size)
+        self._admit(dev, split.memslot_size, dev.requested_size, "the device")
         addr = self.device_memory.plug(dev.id, dev.region_size, dev.block_size, dev.props.memaddr)
         try:
             self.budget.reserve(dev.id, split.count)
             try:
                 with memory_transaction():
                     top = dev.realize(addr, split.memslot_size)
+                    self.device_memslots_listener.track(dev.id, dev.ram)
                     self.device_memory_region.add_subregion(addr - area.start, top)
             except BaseException:
+                if dev.realized:
+                    self.device_memslots_listener.untrack(dev.ram)
                 self.budget.release(dev.id)
                 raise
         except BaseException:
             self.device_memory.unplug(dev.id)
-            dev.backing = dev.bitmap = None
+            dev.unbind()
             raise
         self.devices[dev.id] = dev
-        dev.on_memslots_change = lambda used, i=dev.id: self.budget.set_used(i, used)
-        self.budget.set_used(dev.id, len(dev.mapped_memslots))
+        dev.admit_requested_size = lambda size, d=dev: self._admit(
+            d, d.memslot_size, size, f"requested-size {size:#x}")
 
     def unplug(self, dev_id: str) -> VirtioMem:
         """Remove a memory device: unplug its blocks, unmap, free its range."""
         dev = self.devices.pop(dev_id)
+        dev.admit_requested_size = None
+        ram = dev.ram
         with memory_transaction():
             top = dev.unrealize()
             assert self.device_memory_region is not None
             self.device_memory_region.del_subregion(top)
+        self.device_memslots_listener.untrack(ram)
         self.budget.release(dev_id)
         self.device_memory.unplug(dev_id)
         return dev
@@ -114,19 +136,42 @@ class MachineMemory:
         return memslots_for_device(dev.region_size, dev.block_size, area_size,
                                    self.budget.available(), dev.props.max_memslots)
 
+    def _admit(self, dev: VirtioMem, memslot_size: int, requested: int, what: str) -> None:
+        """Refuse (MemoryDeviceError, nothing changed) a device or a larger
+        requested-size whose memslots would take the estimated KVM metadata
+        of all devices over ``metadata_limit``."""
+        def estimate(d: VirtioMem, slot_size: int, size: int) -> tuple[int, int, int]:
+            return device_estimate(d.props.memslots, d.region_size, d.block_size, slot_size,
+                                   size, d.usable_region_size)
+
+        new = estimate(dev, memslot_size, requested)
+        old = estimate(dev, memslot_size, dev.requested_size)[0] if dev.id in self.devices else 0
+        others = sum(estimate(d, d.memslot_size, d.requested_size)[0]
+                     for i, d in self.devices.items() if i != dev.id)
+        if new[0] > old and others + new[0] > self.metadata_limit:
+            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit))
+
+    def _check_memdev_free(self, dev: VirtioMem) -> None:
+        """A backend serves one device: two would discard each other's
+        plugged memory (QEMU's virtio_mem_device_realize refuses it too)."""
+        for other in self.devices.values():
+            if other.memdev is dev.memdev:
+                raise MemoryDeviceError(f"{dev.id}: 'memdev' property specifies a busy memdev: "
+                                        f"{dev.memdev.name} (already in use by {other.id})")
+
     # -- queries -------------------------------------------------------------
 
     def device_memslots(self, dev_id: str) -> list[DeviceMemslot]:
         """Every memslot of a device: index, guest range, mapped, KVM slot id."""
         dev = self.devices[dev_id]
-        mapped = dev.mapped_memslots
+        policy = dev.policy
+        assert policy is not None                   # plugged devices are realized
         kvm_slots = {rec.guest_phys_addr: rec.slot for rec in self.kvm_listener.memslots()}
-        size, total = dev.memslot_size, dev.region_size
         result = []
-        for index in range(-(-total // size)):
-            gpa = dev.addr + index * size
-            result.append(DeviceMemslot(index, gpa, min(size, total - index * size),
-                                        index in mapped, kvm_slots.get(gpa) if index in mapped else None))
+        for index, span in enumerate(policy.spans()):
+            gpa, mapped = dev.addr + span.offset, policy.is_mapped(span)
+            result.append(DeviceMemslot(index, gpa, span.size, mapped,
+                                        kvm_slots.get(gpa) if mapped else None))
         return result
 
     def info_mtree(self, flatview: bool = False) -> str:

@@ -14,20 +14,22 @@ its owner can connect.
 from __future__ import annotations
 
 import collections
-import json
+import errno
 import logging
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
+from kvmmem.vmm.qmp_limits import (MAX_CLIENTS, MAX_OUTPUT, OUT_OF_FDS, SUSPEND_AT,
+                                   RateLimitedLog, SpareFd, refuse)
 from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
-                                      StreamError, parse_json)
+                                      StreamError, encode_message, parse_json)
+from kvmmem.vmm.qmp_socket import QmpServerError, SocketOwner
 
 if TYPE_CHECKING:
     from kvmmem.vmm.machine import Machine
@@ -36,15 +38,8 @@ __all__ = ["QmpServer", "QmpServerError", "QmpError", "ErrorClass", "MAX_MESSAGE
 
 log = logging.getLogger(__name__)
 
-SOCKET_MODE = 0o600
-MAX_OUTPUT = 16 << 20          # a client that reads nothing is dropped past this
 MAX_QUEUED_EVENTS = 65536      # events waiting for the server thread; oldest dropped
 POLL_INTERVAL = 0.05           # seconds; how soon the server notices close()
-_UNIX_PATH_MAX = 107
-
-
-class QmpServerError(ValueError):
-    """The server cannot listen where it was asked to."""
 
 
 @dataclass(eq=False)
@@ -52,13 +47,11 @@ class _Session:
     sock: socket.socket
     splitter: JsonSplitter
     out: bytearray = field(default_factory=bytearray)
+    frames: collections.deque[bytes | StreamError] = field(default_factory=collections.deque)
+    """Messages read but not answered yet: the client's replies wait unread."""
     negotiated: bool = False
     closed: bool = False
     events: int = selectors.EVENT_READ
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message).encode() + b"\r\n"
 
 
 def _error(desc: str, error_class: ErrorClass = ErrorClass.GENERIC) -> dict[str, Any]:
@@ -69,10 +62,19 @@ class QmpServer:
     """Serves QMP for ``machine`` on the UNIX socket ``path``."""
 
     def __init__(self, machine: "Machine", path: str | os.PathLike[str],
-                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 max_clients: int = MAX_CLIENTS, max_output: int = MAX_OUTPUT) -> None:
         if max_message_size < 1024:
             raise QmpServerError(f"max_message_size {max_message_size} is below 1024 bytes; "
                                  "QMP commands would not fit")
+        if max_clients < 1:
+            raise QmpServerError(f"max_clients {max_clients} must be at least 1")
+        self.max_clients = max_clients
+        self.max_output = max_output
+        self.held = 0
+        """Bytes of replies and events waiting for clients to read them."""
+        self._log = RateLimitedLog(log)
+        self._spare: SpareFd | None = None
         self.machine = machine
         self.path = os.fspath(path)
         self.max_message_size = max_message_size
@@ -81,7 +83,7 @@ class QmpServer:
         self._sessions: list[_Session] = []
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._owner = SocketOwner(self.path)
         self._wake_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._stopping = threading.Event()
@@ -93,7 +95,8 @@ class QmpServer:
         """Listen on the socket (mode 0600) and serve in a background thread."""
         if self._thread is not None:
             raise RuntimeError(f"the QMP server on {self.path} is already started")
-        self._listener = self._bind()
+        self._listener = self._owner.bind()
+        self._spare = SpareFd()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -122,7 +125,7 @@ class QmpServer:
                 os.close(fd)
             self._wake_r = self._wake_w = -1
         self._thread = None
-        self._unlink_if_ours()
+        self._owner.release()
 
     def __enter__(self) -> "QmpServer":
         self.start()
@@ -130,44 +133,6 @@ class QmpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _bind(self) -> socket.socket:
-        path = self.path
-        if not path or len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise QmpServerError(f"QMP socket path {path!r} must have 1 to {_UNIX_PATH_MAX} bytes")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise QmpServerError(f"{path} exists and is not a socket; not replacing it")
-            if _is_listening(path):
-                raise QmpServerError(f"{path}: another process is serving on this socket")
-            os.unlink(path)       # left over from a process that is gone, as QEMU does
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # On Linux the socket file takes the socket inode's mode, so the
-            # file is never reachable by others, not even between bind and chmod.
-            os.fchmod(sock.fileno(), SOCKET_MODE)
-            sock.bind(path)
-            os.chmod(path, SOCKET_MODE)
-            st = os.stat(path)
-            sock.listen(16)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._inode = (st.st_dev, st.st_ino)
-        return sock
-
-    def _unlink_if_ours(self) -> None:
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     # -- events (any thread) ---------------------------------------------------
 
@@ -180,7 +145,7 @@ class QmpServer:
             message["data"] = data
         if len(self._events) == self._events.maxlen:
             self._dropped += 1        # deque drops the oldest; counted, logged by the server
-        self._events.append(_encode(message))
+        self._events.append(encode_message(message))
         self._wake()
 
     def _wake(self) -> None:
@@ -215,6 +180,8 @@ class QmpServer:
                 self._drop(sel, session)
             sel.close()
             self._listener.close()
+            if self._spare is not None:
+                self._spare.close()
 
     def _ready(self, sel: selectors.BaseSelector, what: object, mask: int) -> None:
         if what == "listen":
@@ -229,7 +196,8 @@ class QmpServer:
             if mask & selectors.EVENT_READ:
                 self._receive(sel, what)
             if mask & selectors.EVENT_WRITE and not what.closed:
-                self._flush(sel, what)
+                self._write(sel, what)
+                self._work(sel, what)
 
     def _tick(self, sel: selectors.BaseSelector) -> None:
         if self._dropped:
@@ -243,21 +211,60 @@ class QmpServer:
                     self._send(sel, session, event)
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:          # out of file descriptors: keep serving the others
-            log.warning("QMP: cannot accept a client: %s", exc)
-            time.sleep(POLL_INTERVAL)
-            return
+        """Take every pending connection, so a burst of clients does not
+        overflow the listen backlog while the server handles one per wake-up.
+        Past ``max_clients``, or out of file descriptors, a client is
+        accepted and refused at once: the backlog empties and the listening
+        socket does not stay readable, which would spin this loop."""
+        assert self._listener is not None and self._spare is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_FDS:
+                    self._log.warning("QMP: cannot accept a client: %s", exc)
+                    if exc.errno == errno.ECONNABORTED:
+                        continue           # that client is gone; the next one may be there
+                    return
+                if not self._refuse_without_fds(exc):
+                    return
+                continue
+            if len(self._sessions) >= self.max_clients:
+                self._log.warning("QMP: refusing a client: %d clients are connected, the limit",
+                                  len(self._sessions))
+                refuse(sock, f"too many QMP clients (the limit is {self.max_clients}); "
+                             "try again later")
+                continue
+            self._greet(sel, sock)
+
+    def _refuse_without_fds(self, exc: OSError) -> bool:
+        """Out of file descriptors: use the spare one to accept the client
+        and refuse it. Whether one was taken from the backlog."""
+        assert self._listener is not None and self._spare is not None
+        self._log.warning("QMP: refusing a client: %s", exc.strerror)
+        if self._spare.release():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                pass
+            else:
+                refuse(sock, "the QMP server has no file descriptor left for another client; "
+                             "try again later")
+                self._spare.take()
+                return True
+        self._spare.take()
+        time.sleep(POLL_INTERVAL)      # no spare: the client stays queued; do not spin on it
+        return False
+
+    def _greet(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
         sock.setblocking(False)
         session = _Session(sock, JsonSplitter(self.max_message_size))
         self._sessions.append(session)
         sel.register(sock, selectors.EVENT_READ, session)
         greeting = {"QMP": {"version": version_info(), "capabilities": []}}
-        self._send(sel, session, _encode(greeting))
+        self._send(sel, session, encode_message(greeting))
 
     def _receive(self, sel: selectors.BaseSelector, session: _Session) -> None:
         try:
@@ -270,23 +277,42 @@ class QmpServer:
         if not data:              # gone, maybe in the middle of a message: forget it
             self._drop(sel, session)
             return
-        for frame in session.splitter.feed(data):
-            reply = self._handle(session, frame)
-            self._send(sel, session, _encode(reply))
-            if session.closed:
-                return
+        session.frames.extend(session.splitter.feed(data))
+        self._work(sel, session)
+
+    def _work(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Answer the client's messages while it reads its replies. One that
+        leaves SUSPEND_AT bytes unread is not answered nor read from until it
+        reads them (QEMU's monitor suspends a client the same way), so what
+        it sends waits in its own socket, not in this process."""
+        while session.frames and not session.closed and len(session.out) < SUSPEND_AT:
+            reply = self._handle(session, session.frames.popleft())
+            self._send(sel, session, encode_message(reply))
+        if not session.closed:
+            self._interest(sel, session)
 
     def _send(self, sel: selectors.BaseSelector, session: _Session, data: bytes) -> None:
         if session.closed:
             return
         session.out += data
-        if len(session.out) > MAX_OUTPUT:
-            log.warning("QMP: a client left %d bytes unread; disconnecting it", len(session.out))
-            self._drop(sel, session)
-            return
-        self._flush(sel, session)
+        self.held += len(data)
+        self._write(sel, session)
+        if self.held > self.max_output:
+            self._shed(sel)
+        if not session.closed:
+            self._interest(sel, session)
 
-    def _flush(self, sel: selectors.BaseSelector, session: _Session) -> None:
+    def _shed(self, sel: selectors.BaseSelector) -> None:
+        """All clients together hold more than ``max_output`` unread bytes:
+        drop the ones holding most (each above its fair share) until they fit."""
+        while self.held > self.max_output and self._sessions:
+            victim = max(self._sessions, key=lambda s: len(s.out))
+            self._log.warning("QMP: a client left %d bytes unread (clients may hold %d in "
+                              "all); disconnecting it", len(victim.out), self.max_output)
+            self._drop(sel, victim)
+
+    def _write(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Send what the client's socket takes now."""
         while session.out:
             try:
                 sent = session.sock.send(session.out, socket.MSG_NOSIGNAL)
@@ -297,7 +323,14 @@ class QmpServer:
                 self._drop(sel, session)
                 return
             del session.out[:sent]
-        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if session.out else 0)
+            self.held -= sent
+
+    def _interest(self, sel: selectors.BaseSelector, session: _Session) -> None:
+        """Read while the client is not suspended; write while output waits."""
+        suspended = bool(session.frames) or len(session.out) >= SUSPEND_AT
+        wanted = (0 if suspended else selectors.EVENT_READ) | \
+            (selectors.EVENT_WRITE if session.out else 0)
+        wanted = wanted or selectors.EVENT_READ         # (never 0: suspended implies output)
         if wanted != session.events:
             sel.modify(session.sock, wanted, session)
             session.events = wanted
@@ -306,6 +339,9 @@ class QmpServer:
         if session.closed:
             return
         session.closed = True
+        self.held -= len(session.out)
+        session.out.clear()
+        session.frames.clear()
         self._sessions.remove(session)
         try:
             sel.unregister(session.sock)
@@ -369,15 +405,3 @@ class QmpServer:
         if name == "qmp_capabilities":
             session.negotiated = True
         return {"return": result}
-
-
-def _is_listening(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

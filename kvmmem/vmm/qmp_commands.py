@@ -11,23 +11,29 @@ given, which must be safe to call from any thread.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem import __version__
+from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+from kvmmem.vmm.event_throttle import QEMU_RATES, EventThrottle, Rate
 from kvmmem.vmm.qmp_protocol import ErrorClass, QmpError, check_arguments, has_type
 
 if TYPE_CHECKING:
     from kvmmem.devices.virtio_mem import VirtioMem
-    from kvmmem.vmm.machine import Machine, UnpluggedAccess
+    from kvmmem.vmm.machine import Machine
+    from kvmmem.vmm.unplugged import UnpluggedAccess
 
 
 EmitFn = Callable[[str, "dict[str, Any] | None"], None]
 PERIPHERAL = "/machine/peripheral"
 OBJECTS = "/objects"
 UNPLUGGED_ACCESS_EVENT = "X_KVMMEM_UNPLUGGED_ACCESS"
+EVENT_RATES = {**QEMU_RATES, UNPLUGGED_ACCESS_EVENT: Rate(1.0)}
+"""Events sent at most once a second (per device for size changes), as QEMU does."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,12 @@ class MachineMonitor:
         self.machine = machine
         self.emit = emit
         self.shut_down = False
+        self._shutdown_lock = threading.Lock()
         self._qmp_reset_pending = False
-        self._attached = False
-        self._chained: list[tuple[object, str, Any, Any]] = []
+        self._subscribed: list[tuple[Notifier[Any], Callable[[Any], None]]] = []
+        self._stopped_on_error = False
+        self._throttle: EventThrottle | None = None
+        self._stop_on_internal_error: bool | None = None     # the machine's, before attach
         commands = [
             Command("qmp_capabilities", self._qmp_capabilities, {"*enable": "[str]"}),
             Command("query-commands", lambda a: [{"name": n} for n in sorted(self.commands)]),
@@ -96,6 +105,8 @@ class MachineMonitor:
                                                "running": self.status == "running"}),
             Command("query-memory-devices", self._query_memory_devices),
             Command("x-query-memslots", self._query_memslots),
+            Command("x-query-memslot-consumers",
+                    lambda a: self._locked(self.machine.vhost.consumers)),
             Command("qom-list", self._qom_list, {"path": "str"}),
             Command("qom-get", self._qom_get, {"path": "str", "property": "str"}),
             Command("qom-set", self._qom_set, {"path": "str", "property": "str", "value": "any"}),
@@ -121,63 +132,80 @@ class MachineMonitor:
     def status(self) -> str:
         if self.shut_down:
             return "shutdown"
+        if self.machine.internal_error is not None:
+            return "internal-error"
         return "paused" if self.machine.paused else "running"
 
     # -- events ---------------------------------------------------------------
 
     def attach(self) -> None:
-        """Install the callbacks that raise events, after any already there."""
-        self._attached = True
+        """Subscribe to the events QMP reports, after any observer already there."""
+        self._throttle = EventThrottle(self.emit, EVENT_RATES)
         for dev in self.machine.devices.values():
-            self._chain(dev, "on_size_change",
-                        lambda size, d=dev: self._size_changed(d, size))
-        self._chain(self.machine, "on_unplugged_access", self._unplugged_access)
-        self._chain(self.machine, "on_reset", self._reset)
+            self._subscribe(dev.size_change_notifiers, self._size_observer(dev))
+        self._subscribe(self.machine.unplugged_access_notifiers, self._unplugged_access)
+        self._subscribe(self.machine.reset_notifiers, self._reset)
+        self._subscribe(self.machine.internal_error_notifiers, self._internal_error)
+        self._stop_on_internal_error = self.machine.stop_on_internal_error
+        self.machine.stop_on_internal_error = True     # a monitor can reset or quit it
 
     def detach(self) -> None:
-        """Stop raising events; put back callbacks nobody chained after ours."""
-        self._attached = False
-        for owner, attr, ours, previous in self._chained:
-            if getattr(owner, attr) is ours:
-                setattr(owner, attr, previous)
-        self._chained.clear()
+        """Stop raising events: unsubscribe."""
+        for notifiers, observer in self._subscribed:
+            notifiers.remove(observer)
+        self._subscribed.clear()
+        if self._stop_on_internal_error is not None:
+            self.machine.stop_on_internal_error = self._stop_on_internal_error
+            self._stop_on_internal_error = None
+        if self._throttle is not None:
+            self._throttle.close()
+            self._throttle = None
 
-    def _chain(self, owner: object, attr: str, handler: Callable[[Any], None]) -> None:
-        previous = getattr(owner, attr)
+    def _emit_throttled(self, event: str, data: dict[str, Any]) -> None:
+        throttle = self._throttle
+        if throttle is not None:
+            throttle.emit(event, data)
 
-        def chained(arg: Any) -> None:
-            try:
-                if previous is not None:
-                    previous(arg)
-            finally:
-                if self._attached:
-                    handler(arg)
+    def _subscribe(self, notifiers: Notifier[Any], observer: Callable[[Any], None]) -> None:
+        self._subscribed.append((notifiers, notifiers.add(observer)))
 
-        setattr(owner, attr, chained)
-        self._chained.append((owner, attr, chained, previous))
+    def _size_observer(self, dev: "VirtioMem") -> Callable[[int], None]:
+        return lambda size: self._size_changed(dev, size)
 
     def _size_changed(self, dev: "VirtioMem", size: int) -> None:
-        self.emit("MEMORY_DEVICE_SIZE_CHANGE",
-                  {"id": dev.id, "size": size, "qom-path": f"{PERIPHERAL}/{dev.id}"})
+        self._emit_throttled("MEMORY_DEVICE_SIZE_CHANGE",
+                             {"id": dev.id, "size": size, "qom-path": f"{PERIPHERAL}/{dev.id}"})
 
     def _unplugged_access(self, access: "UnpluggedAccess") -> None:
         data: dict[str, Any] = {}
         if access.device:
             data.update({"device": access.device, "qom-path": f"{PERIPHERAL}/{access.device}"})
         data.update({"address": access.address, "vcpu": access.vcpu, "write": access.is_write})
-        self.emit(UNPLUGGED_ACCESS_EVENT, data)
+        self._emit_throttled(UNPLUGGED_ACCESS_EVENT, data)
 
     def _reset(self, resets: int) -> None:
         """The machine was reset (vCPU thread): raise RESET."""
         host, self._qmp_reset_pending = self._qmp_reset_pending, False
         self.emit("RESET", {"guest": not host,
                             "reason": "host-qmp-system-reset" if host else "guest-reset"})
+        if self._stopped_on_error and not self.machine.paused:    # running again
+            self._stopped_on_error = False
+            self.emit("RESUME", None)
+
+    def _internal_error(self, message: str) -> None:
+        """The vCPU stopped on an error: QEMU's vm_stop(RUN_STATE_INTERNAL_ERROR)
+        sends STOP; query-status then says internal-error."""
+        self._stopped_on_error = True
+        self.emit("STOP", None)
 
     def notify_shutdown(self, guest: bool = True, reason: str = "guest-shutdown") -> None:
-        """The machine stopped: raise SHUTDOWN once."""
-        if not self.shut_down:
+        """The machine stopped: raise SHUTDOWN once (any thread: a host
+        signal's and the run loop's end may race)."""
+        with self._shutdown_lock:
+            if self.shut_down:
+                return
             self.shut_down = True
-            self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+        self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
 
     # -- commands ---------------------------------------------------------------
 
@@ -220,7 +248,7 @@ class MachineMonitor:
             self.emit("STOP", None)
 
     def _cont(self, args: dict[str, Any]) -> None:
-        if self.shut_down:
+        if self.shut_down or self.machine.internal_error is not None:
             raise QmpError("Resetting the Virtual Machine is required")
         if self.machine.paused:
             self.machine.resume()
@@ -368,8 +396,11 @@ class MachineMonitor:
         if what == "memory-devices":
             return "".join(_format_memory_device(d["data"])
                            for d in self._query_memory_devices({}))
-        if what == "status":
-            return f"VM status: {self.status}\n"
+        if what == "status":             # QEMU's hmp_info_status
+            status = self.status
+            if status in ("running", "paused"):
+                return f"VM status: {status}\n"
+            return f"VM status: paused ({status})\n"
         if what == "version":
             return f"{__version__} (kvmmem {__version__})\n"
         return f"unknown command: 'info {what}'\n"

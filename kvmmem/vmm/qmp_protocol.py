@@ -14,6 +14,7 @@ JSON whitespace resets the splitter, the recovery QEMU's spec recommends.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -194,6 +195,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # RFC 8259 section 6 lets an implementation limit the range of numbers;
+    # one that overflows a double (1e400) would become Infinity, which no
+    # JSON text can carry back, so it is refused like QEMU's lexer refuses
+    # the Infinity and NaN tokens.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is not a finite number")
+    return value
+
+
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -204,13 +216,30 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json(text: bytes) -> Any:
-    """Strict JSON as QEMU's parser takes it: UTF-8, no NaN/Infinity, no
-    duplicate keys. Raises ValueError with the reason."""
+    """Strict JSON as QEMU's parser takes it: UTF-8, no NaN/Infinity (nor a
+    number too large for a double), no duplicate keys. Raises ValueError
+    with the reason."""
     try:
         return json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
+                          parse_float=_finite_float,
                           object_pairs_hook=_object_without_duplicates)
     except RecursionError:
         raise ValueError("nesting too deep") from None
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """One message on the wire: strict JSON (RFC 8259) and ``\\r\\n``. A
+    message that has no strict JSON form (a NaN or an infinity somewhere, or
+    a value JSON has no type for) becomes a GenericError reply, with the message's ``id`` if it has one."""
+    try:
+        return json.dumps(message, allow_nan=False).encode() + b"\r\n"
+    except (ValueError, TypeError) as exc:
+        error: dict[str, Any] = {"error": {"class": str(ErrorClass.GENERIC),
+                                           "desc": f"the reply is not valid JSON: {exc}"}}
+        try:
+            return json.dumps({**error, "id": message["id"]}, allow_nan=False).encode() + b"\r\n"
+        except (KeyError, ValueError):
+            return json.dumps(error).encode() + b"\r\n"
 
 
 # -- errors and arguments ---------------------------------------------------------

@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
-_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+import re
+from decimal import Decimal
+
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
+             "E": 1 << 60}
+# QEMU's qemu_strtosz (util/cutils.c): a decimal number, optionally with a
+# fraction, or a hexadecimal integer, then an optional unit suffix. No sign,
+# no exponent, no inf/nan, ASCII digits only.
+_SIZE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]+)?)([BKMGTPEbkmgtpe]?)", re.ASCII)
+SIZE_LIMIT = 1 << 64
+"""Sizes are below 2^64, as QEMU's (a uint64)."""
+
+
+class SizeError(ValueError):
+    """Text that is not a size; ``reason`` says why, without the text."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(f"{text!r} is not a size: {reason}")
+        self.reason = reason
 
 
 def parse_size(text: str) -> int:
-    """``"2G"`` -> 2147483648; a plain number is bytes (hex with 0x)."""
+    """``"2G"`` -> 2147483648; a plain number is bytes (hex with 0x).
+
+    Raises SizeError (a ValueError) saying why for anything else: a sign, an exponent,
+    inf or nan, an unknown suffix, a fraction of a byte, or 2^64 or more.
+    """
     value = text.strip()
-    suffix = value[-1:].upper() if value[-1:].isalpha() else ""
-    number = value[:-1] if suffix else value
-    try:
-        amount = int(number, 0) if not suffix else float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size (examples: 512M, 2G, 1T)") from None
-    if suffix not in _SUFFIXES or amount < 0:
-        raise ValueError(f"{text!r} is not a size (examples: 512M, 2G, 1T)")
-    result = int(amount * _SUFFIXES[suffix])
-    if result != amount * _SUFFIXES[suffix]:
-        raise ValueError(f"{text!r} is not a whole number of bytes")
-    return result
+    m = _SIZE.fullmatch(value)
+    if m is None:
+        why = "negative sizes are not allowed" if value.startswith("-") else \
+            "expected a non-negative number with an optional suffix B, K, M, G, T, P or E"
+        raise SizeError(text, why)
+    number, suffix = m.groups()
+    amount = Decimal(int(number, 16)) if number[:2].lower() == "0x" else Decimal(number)
+    result = amount * _SUFFIXES[suffix.upper()]
+    if result != result.to_integral_value():
+        raise SizeError(text, "not a whole number of bytes")
+    if result >= SIZE_LIMIT:
+        raise SizeError(text, "too large (sizes are below 2^64 bytes)")
+    return int(result)
 
 
 def format_size(size: int) -> str:

@@ -1,0 +1,150 @@
+"""The vhost-user devices of one machine, and their place in the memslot budget.
+
+A back-end maps guest memory itself and has its own memory-slot limit (32 in
+the libvhost-user of QEMU 7.2, 509 later), usually far below KVM's. When a
+vhost-user device is added, :class:`VhostBackends` connects to its back-end,
+checks that all guest memory is shared, refuses the back-end if it cannot
+hold the RAM ranges mapped now plus the memslots memory devices have
+reserved (QEMU's ``vhost_dev_init``, from the seed's "vhost: Respect
+reserved memslots for memory devices when realizing a vhost device"), then
+attaches its memory listener and registers it with the budget as a consumer,
+so that later memory devices get their memslot count from the minimum over
+KVM and every back-end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmmem.devices.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
+from kvmmem.memory import HostMemory
+from kvmmem.vhost.frontend import VhostUserError, VhostUserFrontend
+from kvmmem.vhost.mem_listener import VhostMemoryListener
+from kvmmem.vhost.mmio import VhostMmioTransport
+from kvmmem.virtio.guest_memory import GuestMemory
+
+if TYPE_CHECKING:
+    from kvmmem.kvm import Vm
+    from kvmmem.vmm.machine_memory import MachineMemory
+
+__all__ = ["VhostBackend", "VhostBackends", "require_shared"]
+
+log = logging.getLogger(__name__)
+
+
+def require_shared(host: HostMemory, what: str, device: str) -> None:
+    """Refuse memory a vhost-user back-end could not map (no memfd behind it)."""
+    if host.fd < 0:
+        raise VhostUserError(
+            f"vhost-user-blk '{device}': {what} '{host.name}' is not shared memory, so the "
+            f"vhost-user back-end cannot map it; use memory-backend-memfd or "
+            f"memory-backend-ram,share=on (boot RAM: -object memory-backend-memfd,id=ID,"
+            f"size=SIZE -machine memory-backend=ID)")
+
+
+@dataclass
+class VhostBackend:
+    """One vhost-user device: its connection, memory listener, device and transport."""
+
+    props: VhostUserBlkProps
+    frontend: VhostUserFrontend
+    listener: VhostMemoryListener
+    device: VhostUserBlk
+    transport: VhostMmioTransport | None = None
+
+    @property
+    def consumer(self) -> str:
+        return f"vhost-user-blk:{self.props.id}"
+
+
+class VhostBackends:
+    """The vhost-user devices of a machine's memory."""
+
+    def __init__(self, memory: MachineMemory, vm: Vm, guest_memory: GuestMemory) -> None:
+        self.memory = memory
+        self.vm = vm
+        self.guest_memory = guest_memory
+        self.devices: dict[str, VhostBackend] = {}
+
+    def connect(self, props: VhostUserBlkProps) -> VhostBackend:
+        """Connect to the back-end and mirror guest memory to it; refused (nothing
+        changed, the connection closed) when memory is not shared or slots are short."""
+        if props.id in self.devices:
+            raise VhostUserError(f"a vhost-user device with id '{props.id}' already exists")
+        memory = self.memory
+        require_shared(memory.ram_host, "guest RAM", props.id)
+        for dev in memory.devices.values():
+            require_shared(dev.memdev, f"memory device '{dev.id}' memdev", props.id)
+        frontend = VhostUserFrontend(props.path, f"vhost-user-blk:{props.id}")
+        try:
+            listener = VhostMemoryListener(frontend)
+            used = sum(1 for fr in memory.address_space.flatview if fr.is_ram)
+            reserved = memory.budget.outstanding
+            if listener.limit < used + reserved:
+                raise VhostUserError(
+                    f"vhost-user-blk '{props.id}': vhost backend memory slots limit "
+                    f"({listener.limit}) is less than current number of used ({used}) and "
+                    f"reserved ({reserved}) memory slots for memory devices")
+            device = VhostUserBlk(props, frontend, memory.address_space)
+            memory.address_space.add_listener(listener)
+            backend = VhostBackend(props, frontend, listener, device)
+            try:
+                memory.budget.add_consumer(backend.consumer, listener.free)
+            except BaseException:
+                memory.address_space.remove_listener(listener)
+                raise
+        except BaseException:
+            frontend.close()
+            raise
+        self.devices[props.id] = backend
+        return backend
+
+    def check_memory_device(self, memdev: HostMemory | None, device: str) -> None:
+        """A memory device plugged next to vhost-user devices must be shared too."""
+        if memdev is None:
+            if self.devices:
+                raise VhostUserError(f"memory device '{device}' has no memdev, so its memory is "
+                                     f"not shared; vhost-user devices need memory-backend-memfd")
+            return
+        for backend in self.devices.values():
+            require_shared(memdev, f"memory device '{device}' memdev", backend.props.id)
+
+    def realize(self, dev_id: str, base: int, gsi: int) -> VhostMmioTransport:
+        """Put the device behind a virtio-mmio window at ``base`` with interrupt ``gsi``."""
+        backend = self.devices[dev_id]
+        transport = VhostMmioTransport(backend.device, self.guest_memory, self.vm, gsi,
+                                       base=base, name=f"virtio-mmio-{dev_id}")
+        backend.transport = transport
+        return transport
+
+    def remove(self, dev_id: str) -> None:
+        """Disconnect a device: its listener and budget entry go, the back-end is closed."""
+        backend = self.devices.pop(dev_id)
+        if backend.transport is not None:
+            backend.transport.close()
+        self.memory.budget.remove_consumer(backend.consumer)
+        self.memory.address_space.remove_listener(backend.listener)
+        backend.frontend.close()
+
+    def close(self) -> None:
+        for dev_id in list(self.devices):
+            self.remove(dev_id)
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """QMP ``x-query-memslot-consumers``: each memslot consumer's limit and use
+        (KVM first, then every back-end) and what memory devices keep reserved."""
+        vm, budget = self.vm, self.memory.budget
+        reserved = budget.outstanding
+        result: list[dict[str, Any]] = [{"consumer": "kvm", "limit": vm.max_memslots,
+                                         "used": vm.used_memslots, "free": vm.free_memslots,
+                                         "reserved": reserved}]
+        for backend in self.devices.values():
+            listener = backend.listener
+            entry: dict[str, Any] = {"consumer": backend.consumer, "limit": listener.limit,
+                                     "used": listener.used, "free": listener.free(),
+                                     "reserved": reserved,
+                                     "connected": backend.frontend.connected}
+            result.append(entry)
+        return result

@@ -1,0 +1,172 @@
+"""What a machine refuses to plug, and leaves as it was: a memory backend
+another device uses, a device (or a requested-size) whose memslots would
+cost more KVM metadata than the machine allows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from vmem_helpers import PLUG, GiB, MiB, request, small_machine
+
+from kvmmem.devices.memory_device import MemoryDeviceError
+from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
+from kvmmem.memory import HostMemory
+
+
+def _state(machine: Any) -> tuple[Any, ...]:
+    """Everything a refused plug must leave alone."""
+    return (sorted(machine.devices), machine.device_memory.devices,
+            sorted((r.slot, r.guest_phys_addr, r.memory_size)
+                   for r in machine.kvm_listener.memslots()),
+            machine.budget.available(), machine.info_mtree())
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mode", ["single", "usable", "dynamic"])
+def test_a_memory_backend_in_use_is_refused_and_nothing_changes(vm: Any, mode: str) -> None:
+    machine = small_machine(vm)
+    mem = HostMemory(4 * GiB, "mem0")
+    first = VirtioMem(VirtioMemProps(id="vmem0", memdev=mem, requested_size=256 * MiB,
+                                     block_size=128 * MiB, memslots=mode))
+    machine.plug(first)
+    assert request(first, PLUG, 0, 2).type.name == "ACK"
+    mem.write(0, b"kvmmem!!")
+    before = _state(machine)
+    second = VirtioMem(VirtioMemProps(id="vmem1", memdev=mem, requested_size=256 * MiB,
+                                      block_size=128 * MiB, memslots=mode))
+    with pytest.raises(MemoryDeviceError) as info:
+        machine.plug(second)
+    assert str(info.value) == ("vmem1: 'memdev' property specifies a busy memdev: mem0 "
+                               "(already in use by vmem0)")
+    assert _state(machine) == before and not second.realized
+    assert first.plugged_size == 256 * MiB and mem.read(0, 8) == b"kvmmem!!"
+    machine.unplug("vmem0")                # once free, the backend can be used again
+    machine.plug(second)
+    assert sorted(machine.devices) == ["vmem1"]
+    machine.close()
+    mem.close()
+
+
+def test_the_command_line_refuses_a_busy_memdev() -> None:
+    from kvmmem.vmm.cli import OptionError, parse_args, parse_machine
+
+    argv = ["-kernel", "k", "-m", "1G,maxmem=9G", "-object", "memory-backend-ram,id=mem0,size=1G",
+            "-device", "virtio-mem,id=v0,memdev=mem0", "-device", "virtio-mem,id=v1,memdev=mem0"]
+    with pytest.raises(OptionError) as info:
+        parse_machine(parse_args(argv), None)
+    assert str(info.value) == "-device: 'memdev' property specifies a busy memdev: mem0"
+
+
+# -- KVM metadata admission (issue 13, "Also") -------------------------------------
+
+def test_the_estimate_follows_the_mode() -> None:
+    from kvmmem.devices.memslot_policy import MemslotMode
+    from kvmmem.vmm.memslot_metadata import device_estimate, metadata_estimate
+
+    TiB = 1 << 40
+    # One 1 TiB memslot: 2560 MiB + 20 KiB (measured here: 2566 MiB).
+    assert metadata_estimate(TiB, 1) == 2560 * MiB + 20 * 1024
+    single = device_estimate(MemslotMode.SINGLE, TiB, 2 * MiB, TiB, 0)
+    assert single == (2560 * MiB + 20 * 1024, TiB, 1)
+    # usable: the memslots over requested-size plus the usable extent.
+    usable = device_estimate(MemslotMode.USABLE, TiB, 2 * MiB, GiB, 16 * GiB)
+    assert usable[1:] == (17 * GiB, 17) and usable[0] == metadata_estimate(17 * GiB, 17)
+    assert device_estimate(MemslotMode.USABLE, TiB, 2 * MiB, GiB, 0, usable_now=4 * GiB)[1:] == \
+        (4 * GiB, 4)                          # the usable region does not shrink on a resize
+    # dynamic: requested-size's worth of memslots, nothing when nothing is requested.
+    assert device_estimate(MemslotMode.DYNAMIC, TiB, 2 * MiB, GiB, 5 * GiB + 2 * MiB)[1:] == \
+        (6 * GiB, 6)
+    assert device_estimate(MemslotMode.DYNAMIC, TiB, 2 * MiB, GiB, 0) == (0, 0, 0)
+
+
+def test_the_default_limit_is_a_quarter_of_memtotal(tmp_path: Any) -> None:
+    from kvmmem.vmm.memslot_metadata import default_limit
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24731708 kB\nMemFree:  1 kB\n")
+    assert default_limit(meminfo) == 24731708 * 1024 // 4
+
+
+def _device(dev_id: str, size: int, mode: str, requested: int = 0) -> VirtioMem:
+    return VirtioMem(VirtioMemProps(id=dev_id, memdev=HostMemory(size, f"mem-{dev_id}"),
+                                    requested_size=requested, block_size=128 * MiB,
+                                    memslots=mode))
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mode,requested", [("single", 0), ("usable", 48 * GiB)])
+def test_a_device_over_the_metadata_limit_is_refused_and_nothing_changes(
+        vm: Any, mode: str, requested: int) -> None:
+    from kvmmem.vmm.machine_memory import MachineMemory
+
+    machine = MachineMemory(vm, GiB, maxmem=129 * GiB, metadata_limit=100 * MiB)
+    small = _device("small", 8 * GiB, mode, requested=0)
+    machine.plug(small)                                  # 20 MiB (single) or 0 (usable)
+    before = _state(machine)
+    big = _device("big", 64 * GiB, mode, requested)      # 160 MiB, or 49 GiB usable: 122.5
+    with pytest.raises(MemoryDeviceError, match="exceeds memslot-metadata-limit=100.0 MiB"):
+        machine.plug(big)
+    assert _state(machine) == before and not big.realized
+    big.memdev.close()
+    machine.close()
+    small.memdev.close()
+
+
+@pytest.mark.kvm
+def test_the_limit_counts_every_device(vm: Any) -> None:
+    from kvmmem.vmm.machine_memory import MachineMemory
+
+    machine = MachineMemory(vm, GiB, maxmem=129 * GiB, metadata_limit=100 * MiB)
+    first = _device("first", 24 * GiB, "single")          # 60 MiB: fits
+    machine.plug(first)
+    second = _device("second", 24 * GiB, "single")        # 60 more: 120 > 100
+    with pytest.raises(MemoryDeviceError, match="other devices' 60.0 MiB"):
+        machine.plug(second)
+    assert sorted(machine.devices) == ["first"]
+    machine.unplug("first")
+    machine.plug(second)                                  # alone it fits
+    machine.close()
+    first.memdev.close()
+    second.memdev.close()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mode", ["usable", "dynamic"])
+def test_a_requested_size_over_the_metadata_limit_is_refused_and_nothing_changes(
+        vm: Any, mode: str) -> None:
+    from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+    from kvmmem.vmm.machine_memory import MachineMemory
+
+    machine = MachineMemory(vm, GiB, maxmem=129 * GiB, metadata_limit=100 * MiB)
+    dev = _device("vmem0", 64 * GiB, mode)
+    machine.plug(dev)
+    dev.set_requested_size(16 * GiB)                      # about 40 MiB: fits
+    assert request(dev, PLUG, 0, 4).type.name == "ACK"
+    before = (_state(machine), dev.properties())
+    with pytest.raises(VirtioMemPropertyError, match="requested-size 0x1000000000 would map"):
+        dev.set_requested_size(64 * GiB)                  # 160 MiB
+    assert (_state(machine), dev.properties()) == before
+    dev.set_requested_size(8 * GiB)                       # smaller is always fine
+    assert dev.requested_size == 8 * GiB
+    machine.close()
+    dev.memdev.close()
+
+
+@pytest.mark.kvm
+def test_a_16_tib_usable_device_is_refused_under_the_default_limit(vm: Any) -> None:
+    """The issue's case: 16 TiB requested in usable mode asks for about
+    40 GiB of kernel memory, beyond a quarter of this host's memory."""
+    from kvmmem.vmm.machine_memory import MachineMemory
+    from kvmmem.vmm.memslot_metadata import default_limit
+
+    TiB = 1 << 40
+    assert default_limit() < 40 * GiB, "a host with 160 GiB or more would take this device"
+    machine = MachineMemory(vm, GiB, maxmem=17 * TiB)
+    dev = VirtioMem(VirtioMemProps(id="huge", memdev=HostMemory(16 * TiB, "huge-mem"),
+                                   requested_size=16 * TiB, memslots="usable"))
+    with pytest.raises(MemoryDeviceError, match="map 16384 GiB in 1024 memslot.s., about 40980.0 MiB of KVM metadata"):
+        machine.plug(dev)
+    assert not machine.devices and not dev.realized
+    machine.close()
+    dev.memdev.close()

@@ -1,0 +1,26 @@
+"""A short soak (scripts/soak.py): file descriptors, threads and memslots of a
+running ``kvmmem run`` are the same after many resize cycles, resets and QMP
+client connects as after the first ones. RSS is measured by the script,
+not asserted here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import soak  # noqa: E402
+
+pytestmark = pytest.mark.kvm
+
+
+def test_fds_threads_and_memslots_stay_flat_over_resizes_resets_and_connects(guest_elf) -> None:  # type: ignore[no-untyped-def]
+    samples = soak.soak(guest_elf, cycles=30, reset_every=5, connects=3)
+    assert [s.cycle for s in samples] == list(range(30))
+    assert samples[-1].resets == 6 and samples[-1].connects == 90
+    first = samples[2]
+    for s in samples[2:]:
+        assert (s.fds, s.threads, s.memslots) == (first.fds, first.threads, first.memslots), s
+    assert soak.drift(samples, 2)["memslots"] == 0
