@@ -100,6 +100,8 @@ class LinuxGuest:
     maxmem: str = "8G"
     kernel: Path = KERNEL
     extra_cmdline: str = ""
+    drop_options: Sequence[str] = ()
+    """Options of build/linux/cmdline to leave out (to make a guest fail)."""
     lines: list[tuple[float, str]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -116,7 +118,8 @@ class LinuxGuest:
     # -- starting and stopping ------------------------------------------------
 
     def command(self) -> list[str]:
-        cmdline = CMDLINE.read_text().strip() if CMDLINE.exists() else ""
+        options = CMDLINE.read_text().split() if CMDLINE.exists() else []
+        cmdline = " ".join(o for o in options if o not in self.drop_options)
         args = [sys.executable, "-m", "kvmmem", "run", "-m",
                 f"{self.ram},maxmem={self.maxmem},slots={len(self.devices)}"]
         for index, dev in enumerate(self.devices):

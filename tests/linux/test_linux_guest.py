@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from linux_guest import (
     CMDLINE,
+    GuestFailed,
     KERNEL,
     MEMORY_BLOCK,
     Device,
@@ -189,3 +190,16 @@ def test_two_devices_resize_independently(kernel: Path) -> None:
         session.resize("vmem0", 256 * MiB, {"vmem1": 0})
         session.resize("vmem1", 384 * MiB, {"vmem0": 256 * MiB})
         session.resize("vmem0", 0, {"vmem1": 384 * MiB})
+
+
+def test_guest_stopped_by_kvm_ends_the_wait_with_its_last_lines(kernel: Path) -> None:
+    """Without ``noxsave`` the kernel's FPU setup runs ``xrstor``, which this
+    host's KVM cannot emulate: the wait ends at once (the VMM exits, or QMP
+    reports the internal error) with the guest's lines and the VMM's error."""
+    with LinuxGuest([Device("vmem0", DEVICE_SIZE)], drop_options=["noxsave"]) as guest:
+        with pytest.raises(GuestFailed) as failure:
+            guest.wait_report("a report that never comes", lambda r: True, 0, BOOT_TIMEOUT)
+    message = str(failure.value)
+    assert guest.lines and guest.lines[-1][1] in message     # the guest's last serial line
+    assert "internal" in message.lower()              # the VMM's (or QMP's) internal error
+    assert "timed out" not in message
