@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from linux_guest import (
     CMDLINE,
-    GuestFailed,
     KERNEL,
     MEMORY_BLOCK,
     Device,
     GiB,
+    GuestFailed,
     LinuxGuest,
     MiB,
     Report,
