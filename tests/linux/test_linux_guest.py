@@ -196,9 +196,9 @@ def test_guest_stopped_by_kvm_ends_the_wait_with_its_last_lines(kernel: Path) ->
     """Without ``noxsave`` the kernel's FPU setup runs ``xrstor``, which this
     host's KVM cannot emulate: the wait ends at once (the VMM exits, or QMP
     reports the internal error) with the guest's lines and the VMM's error."""
-    with LinuxGuest([Device("vmem0", DEVICE_SIZE)], drop_options=["noxsave"]) as guest:
-        with pytest.raises(GuestFailed) as failure:
-            guest.wait_report("a report that never comes", lambda r: True, 0, BOOT_TIMEOUT)
+    with (LinuxGuest([Device("vmem0", DEVICE_SIZE)], drop_options=["noxsave"]) as guest,
+          pytest.raises(GuestFailed) as failure):
+        guest.wait_report("a report that never comes", lambda r: True, 0, BOOT_TIMEOUT)
     message = str(failure.value)
     assert guest.lines and guest.lines[-1][1] in message     # the guest's last serial line
     assert "internal" in message.lower()              # the VMM's (or QMP's) internal error
