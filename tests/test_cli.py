@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,16 @@ def test_options_build_the_machine_config() -> None:
       "-device", "virtio-mem,id=v,memdev=m,block-size=3M"], "-device", "power of two"),
     (["-m", "1G", "-object", "memory-backend-ram,id=m,size=1G",
       "-device", "virtio-mem,id=v,memdev=m,memslots=some"], "-device", "must be one of"),
+    # QEMU's id_wellformed(): an id names a QOM child, so no '/' and not empty
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=,size=1G"], "-object",
+     "Parameter 'id' expects an identifier"),
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,id=a/b,memdev=m"], "-device", "Parameter 'id' expects an identifier"),
+    (["-m", "1G", "-chardev", "socket,id=1c,path=/x"], "-chardev",
+     "Parameter 'id' expects an identifier"),
+    # QMP names a device by its id (/machine/peripheral/ID); not a Python TypeError
+    (["-m", "1G,maxmem=3G", "-object", "memory-backend-ram,id=m,size=1G",
+      "-device", "virtio-mem,memdev=m"], "-device", "virtio-mem needs id="),
 ])
 def test_bad_options_are_refused_naming_the_option(argv, option: str, why: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(OptionError) as info:
@@ -198,3 +212,51 @@ def test_a_device_over_the_metadata_limit_is_refused_in_one_line() -> None:
     assert out.stderr.startswith("kvmmem run: -device: v: the device would map 64 GiB in 1 "
                                  "memslot(s), about 160.0 MiB of KVM metadata")
     assert "exceeds memslot-metadata-limit=64.0 MiB" in out.stderr
+
+
+def test_sigterm_while_the_machine_is_built_ends_the_process(tmp_path: Path) -> None:
+    """-serial file: on a FIFO nobody reads blocks in open() while the machine
+    is built; SIGTERM then must end kvmmem run as it ends QEMU (one line,
+    status 0), not leave it blocked with the signal taken and ignored."""
+    fifo = tmp_path / "serial.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "kvmmem", "run", "-m", "64M",
+                             "-kernel", str(GUEST), "-serial", f"file:{fifo}"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        time.sleep(2)                           # blocked opening the FIFO
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines() == [f"kvmmem run: terminating on signal 15 from pid {os.getpid()}"]
+
+
+@pytest.mark.parametrize("kernel", ["/dev/zero", "fifo"])
+def test_a_kernel_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Path,
+                                                                    kernel: str) -> None:
+    """-kernel /dev/zero was read without end (a MemoryError traceback, or the
+    host's memory); a FIFO blocked in open(). Both are one line, status 2.
+    (The address-space limit keeps a regression from taking the host's memory.)"""
+    if kernel == "fifo":
+        kernel = str(tmp_path / "kernel.fifo")
+        os.mkfifo(kernel)
+    limit = 4 << 30
+    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", kernel],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"kvmmem run: -kernel: cannot read kernel {kernel!r}: "
+                                               "not a regular file"]
+
+
+def test_an_append_that_is_not_utf8_reaches_the_guest_byte_for_byte() -> None:
+    """argv is bytes; -append "\\xff" was refused with a Python codec error."""
+    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", str(GUEST),
+                          "-serial", "stdio", "-append", os.fsdecode(b"kvmmem.steps=0 x=\xff")],
+                         capture_output=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 1 and out.stderr == b"", out.stderr   # the guest's exit 0
+    assert b'cmdline "console=ttyS0 kvmmem.steps=0 x=\xff"' in out.stdout, out.stdout

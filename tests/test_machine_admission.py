@@ -58,6 +58,22 @@ def test_the_command_line_refuses_a_busy_memdev() -> None:
     assert str(info.value) == "-device: 'memdev' property specifies a busy memdev: mem0"
 
 
+@pytest.mark.kvm
+def test_a_node_the_machine_does_not_have_is_refused_and_nothing_changes(vm: Any) -> None:
+    """The pc machine has one NUMA node; QEMU's virtio_mem_device_realize()
+    refuses a 'node' beyond the machine's nodes (the guest would be told to
+    add the memory to a node it does not have)."""
+    machine = small_machine(vm)
+    before = _state(machine)
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(GiB, "mem0"), node=5))
+    with pytest.raises(MemoryDeviceError) as info:
+        machine.plug(dev)
+    assert str(info.value) == ("vmem0: 'node' property has value '5', which exceeds the number "
+                               "of numa nodes: 1")
+    assert _state(machine) == before and not dev.realized
+    machine.close()
+
+
 # -- KVM metadata admission (issue 13, "Also") -------------------------------------
 
 def test_the_estimate_follows_the_mode() -> None:
@@ -144,8 +160,10 @@ def test_a_requested_size_over_the_metadata_limit_is_refused_and_nothing_changes
     dev.set_requested_size(16 * GiB)                      # about 40 MiB: fits
     assert request(dev, PLUG, 0, 4).type.name == "ACK"
     before = (_state(machine), dev.properties())
-    with pytest.raises(VirtioMemPropertyError, match="requested-size 0x1000000000 would map"):
+    with pytest.raises(VirtioMemPropertyError, match="requested-size 0x1000000000 would map") as info:
         dev.set_requested_size(64 * GiB)                  # 160 MiB
+    # the way out the message offers is one this device has not taken already
+    assert ("use memslots=dynamic" in str(info.value)) == (mode != "dynamic"), str(info.value)
     assert (_state(machine), dev.properties()) == before
     dev.set_requested_size(8 * GiB)                       # smaller is always fine
     assert dev.requested_size == 8 * GiB

@@ -85,6 +85,7 @@ class VhostUserFrontend:
         """Called once, from the watcher thread or a failing request, with the reason."""
         self._lock = threading.Lock()
         self._gone: str | None = None
+        self._connected = False     # until the handshake is done, a failure is only raised
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
         try:
@@ -100,6 +101,7 @@ class VhostUserFrontend:
             self._sock.close()
             os.close(self._wake)
             raise
+        self._connected = True
         self._watcher = threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True)
         self._watcher.start()
 
@@ -224,7 +226,10 @@ class VhostUserFrontend:
                 return
 
     def _report_gone(self, reason: str) -> None:
-        """Log the disconnection and tell the listeners (called once, without the lock)."""
+        """Log the disconnection and tell the listeners (called once, without the lock).
+        A handshake that fails is not logged: the caller reports its exception, in one line."""
+        if not self._connected:
+            return
         log.error("%s: vhost-user back-end at %s disconnected: %s", self.name, self.path, reason)
         for callback in list(self.on_disconnect):
             try:

@@ -34,6 +34,7 @@ layout conflict raises :class:`BootError` and guest memory stays untouched.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -158,11 +159,20 @@ def _read_image(image: bytes | bytearray | memoryview | str | os.PathLike[str]) 
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
+        # O_NONBLOCK: a FIFO must not block open(); only a regular file has an
+        # end to read to (/dev/zero has none)
         try:
-            with open(image, "rb") as f:
-                return f.read()
+            fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise BootError(f"cannot read kernel {os.fspath(image)!r}: {exc.strerror}") from None
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BootError(f"cannot read kernel {os.fspath(image)!r}: not a regular file")
+            try:
+                return f.read()
+            except OSError as exc:
+                raise BootError(f"cannot read kernel {os.fspath(image)!r}: "
+                                f"{exc.strerror}") from None
     raise TypeError(f"a kernel is bytes or a path, not {type(image).__name__}")
 
 
@@ -306,7 +316,8 @@ def prepare_boot(kernel: bytes | str | os.PathLike[str] | ElfImage, cmdline: str
                  e820: Sequence[tuple[int, int, int]], map_size: int) -> BootPlan:
     """Check everything and compute what :func:`boot` writes (pure)."""
     elf = kernel if isinstance(kernel, ElfImage) else parse_elf64(kernel)
-    raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+    # surrogateescape: the bytes of a command line from argv come back as given
+    raw = cmdline.encode("utf-8", "surrogateescape") if isinstance(cmdline, str) else bytes(cmdline)
     if len(raw) > CMDLINE_MAX or b"\0" in raw:
         raise BootError(f"the command line must be at most {CMDLINE_MAX} bytes without NULs "
                         f"(got {len(raw)} bytes)")

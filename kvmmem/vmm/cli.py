@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ from kvmmem.vmm.units import SizeError, parse_size
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
 BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
 
@@ -48,6 +50,9 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
         if not key or key in result:
             raise OptionError(option, f"{key or item!r} is empty or given twice")
         result[key] = value
+    if "id" in result and not _ID.fullmatch(result["id"]):     # QEMU's id_wellformed()
+        raise OptionError(option, "Parameter 'id' expects an identifier (letters, digits, "
+                                  "'-', '.', '_', starting with a letter)")
     return result
 
 
@@ -150,18 +155,25 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
         ram_host = ram_backend(args.machine, backends, ram, busy)
         devices: list[VirtioMemProps] = []
         vhost_devices: list[Any] = []
+        ids: set[str] = set()                  # one namespace for every -device id
         for text in args.device:
             dev = parse_keyval("-device", text, "driver")
+            if dev.get("id") in ids:                          # QEMU's qemu_opts_create()
+                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
             if dev.get("driver") in VHOST_DRIVERS:
                 del dev["driver"]
-                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices)))
+                vhost_devices.append(vhost_user_blk(dev, chardevs, len(vhost_devices),
+                                                    {v.chardev for v in vhost_devices}))
+                ids.add(vhost_devices[-1].id)
                 continue
             if _require("-device", dev, "driver") not in DEVICE_DRIVERS:
                 raise OptionError("-device", f"only {', '.join(DEVICE_DRIVERS + VHOST_DRIVERS)} "
                                              "are supported")
             del dev["driver"]
-            if dev.get("id") in {d.id for d in devices}:       # QEMU's qemu_opts_create()
-                raise OptionError("-device", f"Duplicate ID '{dev['id']}' for device")
+            if "id" not in dev:
+                raise OptionError("-device", "virtio-mem needs id= (QMP names the device "
+                                             "/machine/peripheral/ID)")
+            ids.add(dev["id"])
             memdev = dev.get("memdev")
             if memdev is not None:
                 if memdev in busy:                        # QEMU's virtio_mem_device_realize()
@@ -301,14 +313,14 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
             if option is None:
                 raise
             raise OptionError(option, str(exc)) from None
-    except OptionError as exc:
+    except (OptionError, KvmError, ValueError, OSError) as exc:
+        if signals.received is not None:    # SIGTERM while building (waiting on a back-end,
+            return 0                        # say): QEMU's shutdown, its one line said already
         print(f"kvmmem run: {exc}", file=sys.stderr)
-        return 2
-    except (KvmError, ValueError, OSError) as exc:
-        print(f"kvmmem run: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, OptionError) else 1
     server = None
     try:
+        signals.attach(machine, None)           # from now on a signal stops the machine
         if qmp_path is not None:
             from kvmmem.vmm.qmp import QmpServer
 

@@ -4,6 +4,7 @@ and ``-machine memory-backend=ID`` (boot RAM from a shared ``-object``)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from kvmmem.memory import HostMemory
@@ -22,11 +23,15 @@ def chardevs(specs: list[str]) -> dict[str, str]:
         unknown = set(opts) - {"id", "path"}
         if unknown:
             raise OptionError("-chardev", f"unknown key {min(unknown)!r}")
+        if opts["id"] in result:                        # QEMU's qemu_opts_create()
+            raise OptionError("-chardev", f"Duplicate ID '{opts['id']}' for chardev")
         result[opts["id"]] = opts["path"]
     return result
 
 
-def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int) -> Any:
+def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int,
+                   in_use: Collection[str] = ()) -> Any:
+    """One ``-device vhost-user-blk``; ``in_use`` are the chardevs other devices took."""
     from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 
     chardev = dev.pop("chardev", None)
@@ -34,6 +39,9 @@ def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int) ->
         raise OptionError("-device", "vhost-user-blk needs chardev=")
     if chardev not in chardevs:
         raise OptionError("-device", f"chardev={chardev!r}: no -chardev with that id")
+    if chardev in in_use:       # QEMU's qdev_prop_set_chr(): one front-end per chardev
+        raise OptionError("-device", f"Property 'vhost-user-blk.chardev' can't take value "
+                                     f"'{chardev}', it's in use")
     numbers = {}
     for key in ("num-queues", "queue-size"):
         if key in dev:

@@ -11,10 +11,17 @@ them with ``sigwaitinfo``. It acts from ordinary thread context, so it may
 take locks and raise events; the vCPU is stopped through
 ``Machine.shutdown``, whose kick cannot be lost the way a Python signal
 handler can be when the signal lands just before ``KVM_RUN``.
+
+A signal taken before a machine is attached (while it is built: opening a
+``-serial`` FIFO nobody reads, waiting on a vhost-user back-end) ends the
+process at once, status 0: the thread building it may be blocked for good,
+and nothing outside the process exists yet (the caller attaches the machine
+before it creates the QMP socket), as QEMU's open() fails with EINTR there.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -72,6 +79,8 @@ class HostSignals:
                 self.received = info.si_signo
                 print(f"{self.prog}: terminating on signal {info.si_signo} from pid "
                       f"{info.si_pid}", file=sys.stderr, flush=True)
+                if self._machine is None:
+                    os._exit(0)
                 self._stop()
 
     def _stop(self) -> None:

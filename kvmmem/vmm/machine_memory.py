@@ -87,6 +87,9 @@ class MachineMemory:
                                     "(start it with maxmem larger than its RAM)")
         if dev.id in self.devices:
             raise MemoryDeviceError(f"a device with id {dev.id!r} is already plugged")
+        if dev.props.node != 0:     # QEMU's virtio_mem_device_realize(); one NUMA node here
+            raise MemoryDeviceError(f"{dev.id}: 'node' property has value '{dev.props.node}', "
+                                    "which exceeds the number of numa nodes: 1")
         self._check_memdev_free(dev)
         split = self._memslot_split(dev, area.size)
         self._admit(dev, split.memslot_size, dev.requested_size, "the device")
@@ -149,7 +152,8 @@ class MachineMemory:
         others = sum(estimate(d, d.memslot_size, d.requested_size)[0]
                      for i, d in self.devices.items() if i != dev.id)
         if new[0] > old and others + new[0] > self.metadata_limit:
-            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit))
+            raise MemoryDeviceError(refusal(dev.id, what, new, others, self.metadata_limit,
+                                            dev.props.memslots))
 
     def _check_memdev_free(self, dev: VirtioMem) -> None:
         """A backend serves one device: two would discard each other's

@@ -65,10 +65,12 @@ def default_limit(meminfo: Path = MEMINFO) -> int:
 
 
 def refusal(dev_id: str, what: str, estimate: tuple[int, int, int], others: int,
-            limit: int) -> str:
-    """Why a device (or a requested-size) is refused, in one sentence."""
+            limit: int, mode: MemslotMode | None = None) -> str:
+    """Why a device (or a requested-size) is refused, in one sentence; the
+    ways out offered are those a device in ``mode`` has not taken yet."""
     cost, mapped, memslots = estimate
+    dynamic = "" if mode is MemslotMode.DYNAMIC else "use memslots=dynamic, "
     return (f"{dev_id}: {what} would map {mapped / GIB:g} GiB in {memslots} memslot(s), about "
             f"{cost / MIB:.1f} MiB of KVM metadata; with the other devices' {others / MIB:.1f} "
-            f"MiB that exceeds memslot-metadata-limit={limit / MIB:.1f} MiB (use memslots=dynamic, "
+            f"MiB that exceeds memslot-metadata-limit={limit / MIB:.1f} MiB ({dynamic}"
             "a smaller requested-size, or raise -machine memslot-metadata-limit)")
