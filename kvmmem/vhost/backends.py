@@ -29,15 +29,20 @@ if TYPE_CHECKING:
     from kvmmem.kvm import Vm
     from kvmmem.vmm.machine_memory import MachineMemory
 
-__all__ = ["VhostBackend", "VhostBackends", "require_shared"]
+__all__ = ["UnsharedMemoryError", "VhostBackend", "VhostBackends", "require_shared"]
 
 log = logging.getLogger(__name__)
+
+
+class UnsharedMemoryError(VhostUserError):
+    """Guest memory a vhost-user back-end cannot map: the machine's
+    configuration is at fault (``kvmmem run`` names the -device), not the host."""
 
 
 def require_shared(host: HostMemory, what: str, device: str) -> None:
     """Refuse memory a vhost-user back-end could not map (no memfd behind it)."""
     if host.fd < 0:
-        raise VhostUserError(
+        raise UnsharedMemoryError(
             f"vhost-user-blk '{device}': {what} '{host.name}' is not shared memory, so the "
             f"vhost-user back-end cannot map it; use memory-backend-memfd or "
             f"memory-backend-ram,share=on (boot RAM: -object memory-backend-memfd,id=ID,"
@@ -105,8 +110,8 @@ class VhostBackends:
         """A memory device plugged next to vhost-user devices must be shared too."""
         if memdev is None:
             if self.devices:
-                raise VhostUserError(f"memory device '{device}' has no memdev, so its memory is "
-                                     f"not shared; vhost-user devices need memory-backend-memfd")
+                raise UnsharedMemoryError(f"memory device '{device}' has no memdev, so its memory is "
+                                          f"not shared; vhost-user devices need memory-backend-memfd")
             return
         for backend in self.devices.values():
             require_shared(memdev, f"memory device '{device}' memdev", backend.props.id)

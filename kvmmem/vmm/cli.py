@@ -346,17 +346,19 @@ def _option_of(exc: Exception) -> str | None:
     problem (KVM missing, say). The machine is built from the options that
     parse_machine checked, so what is left are the rules of the parts: the
     boot layout (-kernel, or -append for the command line), the RAM mapping
-    (-m), and a device that does not fit or cannot be realized (-device)."""
+    (-m), and a device that does not fit or cannot be realized (-device,
+    a vhost-user device next to memory its back-end cannot map included)."""
     from kvmmem.devices.memory_device import MemoryDeviceError
     from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
     from kvmmem.memory.host import HostMemoryError
+    from kvmmem.vhost.backends import UnsharedMemoryError
     from kvmmem.vmm.boot import BootError
 
     if isinstance(exc, BootError):
         return "-append" if "command line" in str(exc) else "-kernel"
     if isinstance(exc, HostMemoryError):
         return "-m" if "'pc.ram'" in str(exc) else "-device"
-    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError)):
+    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError, UnsharedMemoryError)):
         return "-device"
     return None
 
