@@ -87,7 +87,7 @@ class Machine:
         # The only read of the kernel file: the parsed image stays in memory
         # and every reset loads it from there, as QEMU's rom blobs are copied
         # back to guest memory on reset (hw/core/loader.c, rom_reset).
-        self.kernel_image = boot.parse_elf64(config.kernel)
+        self.kernel_image = boot.parse_elf64(config.kernel, max_size=config.ram_size)
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
