@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvmmem.devices.memory_device import MemslotBudgetError
 from kvmmem.devices.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
 from kvmmem.memory import HostMemory
 from kvmmem.vhost.frontend import VhostUserError, VhostUserFrontend
@@ -104,7 +105,21 @@ class VhostBackends:
             frontend.close()
             raise
         self.devices[props.id] = backend
+        frontend.on_disconnect.append(lambda reason: self._drop_consumer(backend))
+        if not frontend.connected:         # gone before the callback was there
+            self._drop_consumer(backend)
         return backend
+
+    def _drop_consumer(self, backend: VhostBackend) -> None:
+        """A back-end that disconnected no longer limits the free memslots: QEMU's
+        vhost_user_blk_disconnect() ends in vhost_dev_cleanup(), which takes the
+        device off the list vhost_get_free_memslots() looks at (its listener is
+        inert from then on, see VhostMemoryListener). Called from the watcher
+        thread or a failing request; the budget reads its consumers from a copy."""
+        try:
+            self.memory.budget.remove_consumer(backend.consumer)
+        except MemslotBudgetError:
+            pass                           # already dropped (the device was removed)
 
     def check_memory_device(self, memdev: HostMemory | None, device: str) -> None:
         """A memory device plugged next to vhost-user devices must be shared too."""
@@ -129,7 +144,7 @@ class VhostBackends:
         backend = self.devices.pop(dev_id)
         if backend.transport is not None:
             backend.transport.close()
-        self.memory.budget.remove_consumer(backend.consumer)
+        self._drop_consumer(backend)
         self.memory.address_space.remove_listener(backend.listener)
         backend.frontend.close()
 
@@ -139,13 +154,17 @@ class VhostBackends:
 
     def consumers(self) -> list[dict[str, Any]]:
         """QMP ``x-query-memslot-consumers``: each memslot consumer's limit and use
-        (KVM first, then every back-end) and what memory devices keep reserved."""
+        (KVM first, then every connected back-end: one that disconnected is no
+        consumer any more) and what memory devices keep reserved."""
         vm, budget = self.vm, self.memory.budget
         reserved = budget.outstanding
         result: list[dict[str, Any]] = [{"consumer": "kvm", "limit": vm.max_memslots,
                                          "used": vm.used_memslots, "free": vm.free_memslots,
                                          "reserved": reserved}]
+        counted = set(budget.consumers)
         for backend in self.devices.values():
+            if backend.consumer not in counted:
+                continue
             listener = backend.listener
             entry: dict[str, Any] = {"consumer": backend.consumer, "limit": listener.limit,
                                      "used": listener.used, "free": listener.free(),
