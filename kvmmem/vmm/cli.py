@@ -305,7 +305,7 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
 
     try:
         config = parse_machine(args, _serial_sink(args.serial))
-        qmp_path = _qmp_path(args.qmp) if args.qmp else None
+        qmp_path, qmp_wait = qmp_option(args.qmp) if args.qmp else (None, False)
         try:
             machine = Machine(config)
         except Exception as exc:
@@ -332,6 +332,13 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
                 print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
                 return 2
         signals.attach(machine, server)
+        if server is not None and qmp_wait:
+            # QEMU's tcp_chr_wait_connected(): nothing runs until a client is
+            # there; a host signal meanwhile stops the machine, which then
+            # returns at once.
+            print(f"kvmmem run: -qmp: waiting for connection on: unix:{qmp_path},server=on",
+                  file=sys.stderr, flush=True)
+            server.wait_for_client(lambda: machine.stop_requested)
         return machine.run()
     finally:
         if server is not None:
@@ -363,7 +370,10 @@ def _option_of(exc: Exception) -> str | None:
     return None
 
 
-def _qmp_path(spec: str) -> str:
+def qmp_option(spec: str) -> tuple[str, bool]:
+    """``-qmp unix:PATH[,server=on][,wait=on|off]``: the socket path, and whether
+    the VM waits for the first client before it starts (QEMU's ``wait``, on by
+    default for a server socket)."""
     opts = parse_keyval("-qmp", spec, "path")
     if "path" not in opts:
         raise OptionError("-qmp", "no socket given: the first item must be unix:PATH")
@@ -376,4 +386,4 @@ def _qmp_path(spec: str) -> str:
         _bool("-qmp", key, value)
     if not _bool("-qmp", "server", opts.get("server", "on")):
         raise OptionError("-qmp", "kvmmem only listens (server=on)")
-    return path[5:]
+    return path[5:], _bool("-qmp", "wait", opts.get("wait", "on"))

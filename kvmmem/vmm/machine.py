@@ -223,6 +223,11 @@ class Machine:
     def paused(self) -> bool:
         return not self._running.is_set()
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`shutdown` was called (:meth:`run` then returns at once)."""
+        return self._stop_status is not None
+
     def shutdown(self, status: int = 0) -> None:
         """Make :meth:`run` return ``status``; safe from any thread (QMP ``quit``)."""
         self._stop_status = status
