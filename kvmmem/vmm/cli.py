@@ -21,6 +21,7 @@ from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.chardev import BufferedOutput, fd_writer
 from kvmmem.vmm.host_signals import HostSignals
+from kvmmem.vmm.log_output import StderrLog
 from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
@@ -292,11 +293,13 @@ def main(argv: Sequence[str]) -> int:
     """Parse, build the machine, run it; the guest's exit status is ours
     (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
     args = parse_args(argv)
+    logs = StderrLog()          # log calls never wait on stderr (the vCPU may hold Machine.lock)
     signals = HostSignals()
     try:
         return _build_and_run(args, signals)
     finally:
         signals.close()
+        logs.close()
 
 
 def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
