@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXT    := kvmmem/.cffi-built
 CDEFS  := $(wildcard cdefs/*.h) cdefs/build_kvm.py
 
-.PHONY: all demo test bench clean distclean
+.PHONY: all demo test bench clean distclean linux-guest test-linux
 
 include tests/guest/Makefile.inc
 
@@ -29,8 +29,21 @@ $(EXT): $(STAMP) $(CDEFS)
 demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
+# Static checks first (config in pyproject.toml), then the suite; the Linux
+# tests (marker `linux`) are left to `make test-linux`.
 test: $(EXT) $(GUEST_ELF)
-	$(PY) -m pytest -q
+	$(PY) -m ruff check
+	$(PY) -m mypy --strict kvmmem
+	$(PY) -m pytest -q -m "not linux"
+
+# The Linux test kernel (issue 11): built once, then reused from ~/.cache/kvmmem/linux.
+linux-guest:
+	bash tests/linux/build-kernel.sh
+
+# Boots that kernel under `kvmmem run` and resizes its virtio-mem devices;
+# two guests at a time (pytest-xdist).
+test-linux: $(EXT) linux-guest
+	$(PY) -m pytest -q -m linux -n 2 tests/linux
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -1,4 +1,5 @@
-"""``kvmmem`` command line: ``kvmmem demo`` replays the seed on this machine,
+"""``kvmmem`` command line: ``kvmmem demo`` replays the example of QEMU's
+virtio-mem separate-memslots RFC on this machine,
 ``kvmmem run`` starts a VM with QEMU-style options."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ import argparse
 import sys
 
 from kvmmem.kvm import KvmError
-from kvmmem.vmm.units import parse_size
+from kvmmem.units import parse_size
 
 
 def _sizes(text: str) -> list[int]:
@@ -25,7 +26,7 @@ def _size(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kvmmem.vmm.demo import run_demo
+    from kvmmem.measure.demo import run_demo
     from kvmmem.vmm.smoke import run_smoke
 
     report = run_smoke()
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(argv[1:])
     parser = argparse.ArgumentParser(prog="kvmmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="replay the seed: a 500G virtio-mem device resized "
+    demo = sub.add_parser("demo", help="replay the QEMU RFC's example: a 500G virtio-mem device resized "
                           "2G, 20G, 5G + reboot, in usable and dynamic memslot modes")
     demo.add_argument("--mode", default="usable,dynamic",
                       help="memslot modes to run, comma-separated (single, usable, dynamic)")

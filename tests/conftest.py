@@ -1,29 +1,34 @@
-"""Shared fixtures and the ``kvm`` marker policy.
+"""Shared fixtures and the ``kvm`` and ``linux`` marker policy.
 
-Tests marked ``kvm`` use the real ``/dev/kvm``. Where it is missing they are
-skipped with the reason, except under ``CI=true`` or ``KVMMEM_REQUIRE_KVM=1``,
-where such a skip would hide untested code and is turned into a failure.
+Tests marked ``kvm`` use the real ``/dev/kvm``; tests marked ``linux`` boot
+the Linux test kernel (``make linux-guest``) under KVM. Where KVM or the
+kernel is missing they are skipped with the reason, except under ``CI=true``
+or ``KVMMEM_REQUIRE_KVM=1``, where such a skip would hide untested code and
+is turned into a failure.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 KVM_REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("KVMMEM_REQUIRE_KVM") == "1"
+KVM_MARKERS = ("kvm", "linux")
+"""Markers of tests that need a usable /dev/kvm."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
     config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon (qemu-utils)")
+    config.addinivalue_line("markers", "linux: the test boots the Linux test kernel (make test-linux)")
 
 
 # Markers of tests that may skip locally but never under CI.
-REQUIRED_UNDER_CI = ("kvm", "vhost")
+REQUIRED_UNDER_CI = ("kvm", "vhost", "linux")
 
 
 def _kvm_unavailable_reason() -> str | None:
@@ -38,7 +43,7 @@ _REASON: list[str | None] = []
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kvm") is None:
+    if not any(item.get_closest_marker(name) is not None for name in KVM_MARKERS):
         return
     if not _REASON:
         _REASON.append(_kvm_unavailable_reason())
@@ -52,7 +57,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI, any skip of a KVM or vhost test (a capability or program missing, say) fails it."""
+    """Under CI, any skip of a KVM, vhost or Linux test (a capability or program missing, say) fails it."""
     outcome = yield
     report = outcome.get_result()
     if KVM_REQUIRED and report.skipped and any(item.get_closest_marker(m) is not None
@@ -62,7 +67,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 @pytest.fixture
-def kvm() -> Iterator["object"]:
+def kvm() -> Iterator[object]:
     from kvmmem.kvm import Kvm
 
     with Kvm() as handle:
@@ -70,13 +75,13 @@ def kvm() -> Iterator["object"]:
 
 
 @pytest.fixture
-def vm(kvm) -> Iterator["object"]:  # type: ignore[no-untyped-def]
+def vm(kvm) -> Iterator[object]:  # type: ignore[no-untyped-def]
     with kvm.create_vm() as handle:
         yield handle
 
 
 @pytest.fixture
-def host_buffer() -> Iterator["callable"]:  # type: ignore[valid-type]
+def host_buffer() -> Iterator[callable]:  # type: ignore[valid-type]
     """Makes anonymous host mappings (HostMemory) for memslots; unmapped after the test."""
     from kvmmem.memory import HostMemory
 

@@ -6,23 +6,30 @@ import signal
 import struct
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmmem.kvm import x86
+from kvmmem.memory import AddressSpace, GuestMemory, HostMemory, MemoryRegion, memory_transaction
 from kvmmem.vmm import boot
 from kvmmem.vmm.boot import BootError
+from kvmmem.vmm.pc_layout import MachineMemoryMap
 
 MIB, GIB = 1 << 20, 1 << 30
 REPO = Path(__file__).resolve().parent.parent
 GUEST_ELF = REPO / "build" / "guest" / "guest.elf"
 
 # -- a tiny ELF writer for the pure tests ----------------------------------------
+
+
+def pc_e820(ram_size: int) -> list[tuple[int, int, int]]:
+    return MachineMemoryMap(ram_size).e820()
 
 
 def make_elf(segments: list[tuple[int, bytes, int]], entry: int | None = None, *,
@@ -158,7 +165,7 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 def test_prepare_boot_lays_out_the_documented_structures() -> None:
     ram = 512 * MIB
-    plan = boot.prepare_boot(KERNEL, "console=ttyS0 x=1", boot.pc_e820(ram), 0x10480000000)
+    plan = boot.prepare_boot(KERNEL, "console=ttyS0 x=1", pc_e820(ram), 0x10480000000)
     lay = plan.layout
     assert (lay.entry, lay.gdt, lay.zero_page, lay.cmdline) == (0x100000, 0x500, 0x7000, 0x20000)
     assert lay.page_tables_size == x86.page_table_size(0x10480000000)
@@ -180,18 +187,18 @@ def test_prepare_boot_lays_out_the_documented_structures() -> None:
 def test_page_tables_avoid_a_kernel_at_the_top_of_ram() -> None:
     ram = 64 * MIB
     top = make_elf([(0x100000, b"\xf4", 1), (ram - 4 * MIB, b"x", 4 * MIB)], entry=0x100000)
-    lay = boot.prepare_boot(top, "", boot.pc_e820(ram), 8 * GIB).layout
+    lay = boot.prepare_boot(top, "", pc_e820(ram), 8 * GIB).layout
     assert lay.page_tables + lay.page_tables_size <= ram - 4 * MIB
     assert lay.page_tables >= MIB
 
 
 @pytest.mark.parametrize("kernel, cmdline, e820, map_size, reason", [
-    (make_elf([(0x7000, b"\xf4", 1)]), "", boot.pc_e820(64 * MIB), 4 * GIB, "zero page"),
-    (make_elf([(0x20100, b"\xf4", 1)]), "", boot.pc_e820(64 * MIB), 4 * GIB, "command line"),
-    (KERNEL, "x" * 4096, boot.pc_e820(64 * MIB), 4 * GIB, "at most 4095 bytes"),
-    (KERNEL, "a\0b", boot.pc_e820(64 * MIB), 4 * GIB, "NUL"),
-    (KERNEL, "", boot.pc_e820(3 * GIB, GIB), 4 * GIB, "must cover all RAM"),
-    (KERNEL, "", boot.pc_e820(64 * MIB), 1 << 49, "at most"),
+    (make_elf([(0x7000, b"\xf4", 1)]), "", pc_e820(64 * MIB), 4 * GIB, "zero page"),
+    (make_elf([(0x20100, b"\xf4", 1)]), "", pc_e820(64 * MIB), 4 * GIB, "command line"),
+    (KERNEL, "x" * 4096, pc_e820(64 * MIB), 4 * GIB, "at most 4095 bytes"),
+    (KERNEL, "a\0b", pc_e820(64 * MIB), 4 * GIB, "NUL"),
+    (KERNEL, "", pc_e820(4 * GIB), 4 * GIB, "must cover all RAM"),
+    (KERNEL, "", pc_e820(64 * MIB), 1 << 49, "at most"),
     (KERNEL, "", [(0x100000, 64 * MIB, 1)], 4 * GIB, "not in e820 RAM"),
     (make_elf([(0x100000, b"\xf4", 63 * MIB)]), "", [(0, 64 * MIB, 1)], 1 << 46, "no room"),
 ])
@@ -202,29 +209,36 @@ def test_prepare_boot_refuses_conflicts(kernel: bytes, cmdline: str,
         boot.prepare_boot(kernel, cmdline, e820, map_size)
 
 
-def test_pc_e820_and_ram_writer() -> None:
-    assert boot.pc_e820(3 * GIB, GIB) == [(0, 0x9FC00, 1), (MIB, 3 * GIB - MIB, 1), (4 * GIB, GIB, 1)]
+def test_pc_layout_gives_e820_boot_ram_and_identity_map_end() -> None:
+    layout = MachineMemoryMap(4 * GIB, maxmem=8 * GIB)
+    assert layout.e820() == [(0, 0x9FC00, 1), (MIB, 3 * GIB - MIB, 1), (4 * GIB, GIB, 1)]
+    assert [(r.range.start, r.range.size, r.ram_offset) for r in layout.boot_ram()] == [
+        (0, 3 * GIB, 0), (4 * GIB, GIB, 3 * GIB)]
+    assert layout.identity_map_end == 9 * GIB      # device memory: 4 GiB from 5 GiB
+    assert MachineMemoryMap(64 * MIB).identity_map_end == 4 * GIB
+    assert MachineMemoryMap(64 * MIB).e820() == [(0, 0x9FC00, 1), (MIB, 63 * MIB, 1)]
     with pytest.raises(BootError):
-        boot.pc_e820(MIB)
+        MachineMemoryMap(MIB).e820()
 
-    class FakeRam:  # stands in for HostMemory: only size and write are used
-        size = 8 * MIB
 
-        def __init__(self) -> None:
-            self.writes: list[tuple[int, bytes]] = []
-
-        def write(self, offset: int, data: bytes) -> None:
-            self.writes.append((offset, data))
-
-    ram = FakeRam()
-    write = boot.pc_ram_writer(ram, 6 * MIB)  # type: ignore[arg-type]
-    write(0x1000, b"low")
-    write(4 * GIB + 0x10, b"high")
-    assert ram.writes == [(0x1000, b"low"), (6 * MIB + 0x10, b"high")]
-    for addr in (6 * MIB - 1, 4 * GIB + 2 * MIB - 2, 5 * GIB):
-        with pytest.raises(BootError, match="not .*RAM"):
-            write(addr, b"xyz")
-    assert len(ram.writes) == 2
+def test_guest_writer_writes_ram_and_refuses_the_rest() -> None:
+    ram = HostMemory(8 * MIB, "ram")
+    try:
+        root = MemoryRegion.container("system", 1 << 64)
+        with memory_transaction():
+            root.add_subregion(0, MemoryRegion.alias("low", MemoryRegion.ram("pc.ram", ram),
+                                                      0, 6 * MIB))
+        space = AddressSpace(root, "memory")
+        write = boot.guest_writer(GuestMemory(space))
+        write(0x1000, b"low")
+        assert ram.read(0x1000, 3) == b"low"
+        for addr in (6 * MIB - 1, 4 * GIB):
+            with pytest.raises(BootError, match="not .*RAM"):
+                write(addr, b"xyz")
+        assert ram.read(6 * MIB - 1, 1) == b"\0"
+        space.destroy()
+    finally:
+        ram.close()
 
 
 # -- the test guest on a bare VM (no virtio device) ------------------------------------
@@ -279,7 +293,7 @@ def run_guest(kvm: Any, vm: Any, ram: Any, elf: Path, cmdline: str) -> GuestRun:
 
     vcpu = vm.create_vcpu(0)
     vcpu.set_cpuid2(kvm.get_supported_cpuid())
-    layout = boot.boot(vcpu, ram.write, elf, cmdline, boot.pc_e820(BARE_RAM), 4 * GIB)
+    layout = boot.boot(vcpu, ram.write, elf, cmdline, pc_e820(BARE_RAM), 4 * GIB)
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     assert (regs.rip, regs.rsi, regs.rflags) == (layout.entry, 0x7000, 2)
     assert (sregs.cs.selector, sregs.ds.selector, sregs.cr3) == (0x10, 0x18, layout.page_tables)
@@ -319,7 +333,7 @@ def test_guest_without_device_says_so_and_fails(kvm: Any, bare_vm: Any, guest_el
     run = run_guest(kvm, vm, ram, guest_elf, cmdline)
     lines = run.output.splitlines()
     assert lines[0] == f'kvmmem-guest: cmdline "{cmdline}"'   # cmd_line_ptr reached the guest
-    ram_bytes = sum(size for _, size, _ in boot.pc_e820(BARE_RAM))
+    ram_bytes = sum(size for _, size, _ in pc_e820(BARE_RAM))
     assert lines[1] == f"e820: 2 entries, ram={ram_bytes}"      # so did the e820 table
     assert lines[-1] == "no virtio-mmio device"
     assert (run.exit_value, run.exit_status) == (1, 3)

@@ -10,9 +10,9 @@ import pytest
 from seed import seed_listings
 from vmem_helpers import GiB, MiB, plug_device, small_machine
 
-from kvmmem.devices.virtio_mem_driver import HostDriver
-from kvmmem.vmm.demo import run_demo
-from kvmmem.vmm.units import format_size, parse_size
+from kvmmem.measure.demo import run_demo
+from kvmmem.measure.host_driver import HostDriver
+from kvmmem.units import format_size, parse_size
 
 
 def test_sizes_parse_and_format_like_qemu() -> None:

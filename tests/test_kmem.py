@@ -8,13 +8,13 @@ error path and the clean-up.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from kvmmem.measure import kmem
 from kvmmem.memory import HostMemory
-from kvmmem.vmm import kmem
 
 MIB, GIB = 1 << 20, 1 << 30
 

@@ -1,4 +1,4 @@
-"""Machine memory map, device-memory placement and memslot budgets (kvmmem.devices.memory_device)."""
+"""The pc memory map (kvmmem.vmm.pc_layout), device-memory placement and memslot budgets."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmmem.devices.memory_device import (
-    DeviceMemory, MachineMemoryMap, MemoryDeviceError, MemoryRange, MemslotBudgetError,
-    PluggedDevice)
+from kvmmem.devices.memory_device import DeviceMemory, MemoryDeviceError, MemoryRange, MemslotBudgetError, PluggedDevice
 from kvmmem.devices.memslot_budget import (
-    MAX_MEMSLOTS_PER_DEVICE, MIN_MEMSLOT_SIZE, MemslotBudget, Reservation, memslots_for_device)
+    MAX_MEMSLOTS_PER_DEVICE,
+    MIN_MEMSLOT_SIZE,
+    MemslotBudget,
+    Reservation,
+    memslots_for_device,
+)
+from kvmmem.vmm.pc_layout import MachineMemoryMap
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -155,9 +159,18 @@ def test_device_filling_the_whole_area_fits() -> None:
 
 
 def test_for_machine_uses_the_machine_area() -> None:
-    dm = DeviceMemory.for_machine(MachineMemoryMap(4 * GiB, maxmem=1028 * GiB, slots=13))
+    dm = DeviceMemory(MachineMemoryMap(4 * GiB, maxmem=1028 * GiB, slots=13).device_memory)
     assert dm.area is not None and dm.area.start == 0x140000000
     assert dm.plug("mem0", 500 * GiB, 2 * MiB) == 0x140000000
+
+
+def test_owner_of_an_address() -> None:
+    dm = DeviceMemory(AREA)
+    dm.plug("a", GiB, 2 * MiB)
+    dm.plug("b", GiB, 2 * MiB)
+    assert dm.owner(AREA.start) == "a" and dm.owner(AREA.start + GiB - 1) == "a"
+    assert dm.owner(AREA.start + GiB) == "b"
+    assert dm.owner(AREA.start + 2 * GiB) is None and dm.owner(0) is None
 
 
 def _refused(dm: DeviceMemory, message: str, *args: object, **kwargs: object) -> None:
@@ -168,7 +181,7 @@ def _refused(dm: DeviceMemory, message: str, *args: object, **kwargs: object) ->
 
 
 def test_refuses_without_maxmem() -> None:
-    dm = DeviceMemory.for_machine(MachineMemoryMap(4 * GiB))
+    dm = DeviceMemory(MachineMemoryMap(4 * GiB).device_memory)
     _refused(dm, "the machine has no device-memory area: start it with maxmem above the ram size",
              "mem0", GiB, 2 * MiB)
 
@@ -385,7 +398,7 @@ def test_budget_without_consumers_or_with_a_broken_one() -> None:
         MemslotBudget({"bad": Slots(-1)}).free()
 
 
-# --- memslots per device (the seed's heuristic) -------------------------------------------------
+# --- memslots per device (QEMU's virtio_mem_decide_memslots) -------------------------------------------------
 
 SEED_AREA = 1037 * GiB
 BOOT_SLOTS = 2  # ram-below-4g and ram-above-4g
@@ -394,7 +407,7 @@ BOOT_SLOTS = 2  # ram-below-4g and ram-above-4g
 def test_seed_500g_device_gets_500_memslots_of_1g() -> None:
     split = memslots_for_device(500 * GiB, 2 * MiB, SEED_AREA, KVM_MAX_MEMSLOTS - BOOT_SLOTS)
     assert (split.count, split.memslot_size) == (500, GiB)
-    # as the facts explain: the auto limit is above the 1024 cap ...
+    # the auto limit is above the 1024 cap (virtio_mem_decide_memslots) ...
     assert (KVM_MAX_MEMSLOTS - BOOT_SLOTS) * 500 // 1037 > MAX_MEMSLOTS_PER_DEVICE
     assert split.limit == MAX_MEMSLOTS_PER_DEVICE
     # ... and 500 GiB / 1024 is below the 1 GiB minimum

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from kvmmem.memory import host as host_module
 from kvmmem.memory.host import PAGE_SIZE, HostMemory, HostMemoryError, guard_regions_supported
 
 MiB = 1 << 20
@@ -114,6 +115,30 @@ def test_protect_blocks_access_and_unprotect_restores_it(mem: HostMemory) -> Non
     assert kernel_can_read(mem, 4 * PAGE_SIZE)
     if guard_regions_supported():
         assert mem.read(4 * PAGE_SIZE, 1) == b"\0"      # guard install zaps the page
+
+
+def test_protect_without_guard_regions_uses_mprotect_and_keeps_the_content(
+        mem: HostMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the path of kernels before 6.13: this kernel's guard regions are not asked for
+    monkeypatch.setattr(host_module, "guard_regions_supported", lambda: False)
+    mem.write(4 * PAGE_SIZE, b"x")
+    mem.protect(4 * PAGE_SIZE, PAGE_SIZE)
+    assert vma_permissions(mem.address + 4 * PAGE_SIZE) == "---p"
+    assert mem.is_protected(4 * PAGE_SIZE)
+    mem.unprotect(4 * PAGE_SIZE, PAGE_SIZE)
+    assert vma_permissions(mem.address + 4 * PAGE_SIZE) == "rw-p"
+    assert mem.read(4 * PAGE_SIZE, 1) == b"x"           # mprotect keeps the page
+
+
+def vma_permissions(address: int) -> str:
+    """The permissions /proc/self/maps gives the mapping holding ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return perms
+    raise LookupError(hex(address))
 
 
 def test_this_kernel_has_guard_regions() -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmmem.memory import AddressSpace, FlatRange, HostMemory, MemoryListener, MemoryRegion
+from kvmmem.memory import AddressSpace, FlatRange, HostMemory, MemoryListener, MemoryRegion, memory_transaction
 from kvmmem.memory import address_space as address_space_module
-from kvmmem.memory import memory_transaction
 from kvmmem.memory.address_index import AddressIndex
 from kvmmem.memory.flatview import render, simplify
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
 from seed import seed_listings
 
-from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
-                           memory_transaction, mtree_info)
+from kvmmem.memory import AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion, memory_transaction, mtree_info
 
 GiB = 1 << 30
 SET_REGION = "KVM_SET_USER_MEMORY_REGION"

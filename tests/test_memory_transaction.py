@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmmem.memory import (AddressSpace, FlatRange, HostMemory, MemoryListener, MemoryRegion,
-                           UnassignedAccessError, begin, commit, memory_transaction,
-                           transaction_depth)
+from kvmmem.memory import (
+    AddressSpace,
+    FlatRange,
+    HostMemory,
+    MemoryListener,
+    MemoryRegion,
+    UnassignedAccessError,
+    begin,
+    commit,
+    memory_transaction,
+    transaction_depth,
+)
 from kvmmem.memory.flatview import render, simplify
 
 MiB = 1 << 20

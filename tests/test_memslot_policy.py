@@ -9,8 +9,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from vmem_helpers import memslots_to_map
 
 from kvmmem.devices.memslot_policy import (
-    DynamicPolicy, MemslotChange, MemslotMode, MemslotPolicy, MemslotSpan, SinglePolicy,
-    UsablePolicy, make_policy)
+    DynamicPolicy,
+    MemslotChange,
+    MemslotMode,
+    MemslotPolicy,
+    MemslotSpan,
+    SinglePolicy,
+    UsablePolicy,
+    make_policy,
+)
 from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_proto import BlockState, usable_region_size
 

@@ -27,8 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmmem.vmm.qmp_protocol import QmpError, check_arguments
-from kvmmem.vmm.qmp_protocol import JsonSplitter, StreamError, parse_json
+from kvmmem.vmm.qmp_protocol import JsonSplitter, QmpError, StreamError, check_arguments, parse_json
 
 MiB, GiB = 1 << 20, 1 << 30
 STEP = re.compile(r"plugged=(\d+) requested=(\d+) ok")
@@ -161,7 +160,7 @@ class GuestVm:
                 assert plugged is not None, "the guest reported no step"
                 return plugged
 
-    def __enter__(self) -> "GuestVm":
+    def __enter__(self) -> GuestVm:
         self.server.start()
         return self
 

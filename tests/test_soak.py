@@ -5,13 +5,9 @@ not asserted here."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import soak  # noqa: E402
+from kvmmem.measure import soak
 
 pytestmark = pytest.mark.kvm
 

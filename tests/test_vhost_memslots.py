@@ -16,6 +16,7 @@ from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
 from kvmmem.memory import HostMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.backends import VhostBackends
 from kvmmem.vhost.frontend import (
     SUPPORTED_PROTOCOL_FEATURES,
@@ -24,7 +25,6 @@ from kvmmem.vhost.frontend import (
 )
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.messages import ProtocolFeature
-from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.vmm.machine_memory import MachineMemory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]

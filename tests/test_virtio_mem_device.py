@@ -3,11 +3,22 @@ follow plugged blocks, guest reach, BUSY with rollback, memory returned."""
 
 from __future__ import annotations
 
-
 import pytest
 from seed import seed_listings
-from vmem_helpers import (GiB, MiB, PLUG, STATE, UNPLUG, UNPLUG_ALL, GuestReader,
-                          expected_ranges, kvm_ranges, plug_device, request, small_machine)
+from vmem_helpers import (
+    PLUG,
+    STATE,
+    UNPLUG,
+    UNPLUG_ALL,
+    GiB,
+    GuestReader,
+    MiB,
+    expected_ranges,
+    kvm_ranges,
+    plug_device,
+    request,
+    small_machine,
+)
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import BlockState, ResponseType
@@ -20,7 +31,7 @@ pytestmark = pytest.mark.kvm
 
 def device_memory_listing(machine: MachineMemory) -> list[str]:
     lines = machine.info_mtree().splitlines()
-    start = next(i for i, l in enumerate(lines) if l.endswith("): device-memory"))
+    start = next(i for i, line in enumerate(lines) if line.endswith("): device-memory"))
     out = [lines[start]]
     for line in lines[start + 1:]:
         if not line.startswith("      "):
@@ -89,7 +100,7 @@ def test_single_mode_maps_the_whole_region_as_one_memslot(vm) -> None:  # type: 
     assert kvm_ranges(vm, dev) == {(dev.addr, dev.region_size)}
     assert request(dev, PLUG, 0, 8).type is ResponseType.ACK
     assert kvm_ranges(vm, dev) == {(dev.addr, dev.region_size)}
-    assert any(" mem-vmem0" in l and "(prio 0, ram)" in l for l in machine.info_mtree().splitlines())
+    assert any(" mem-vmem0" in line and "(prio 0, ram)" in line for line in machine.info_mtree().splitlines())
     machine.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmem_helpers import GiB, MiB, kvm_ranges, expected_ranges, plug_device, small_machine
+from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, plug_device, small_machine
 
 from kvmmem.devices.virtio_mem_proto import BlockState, Request, RequestType, Response
 from kvmmem.kvm import Kvm
@@ -24,7 +24,7 @@ EXTENT = 256 * MiB
 
 
 class Model:
-    """What the facts file says the device must do."""
+    """What the device must do (VIRTIO 1.2, 5.15.6.2; QEMU's virtio-mem.c)."""
 
     def __init__(self, mode: str, base: int) -> None:
         self.mode, self.base = mode, base

@@ -9,10 +9,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmmem.devices.virtio_mem_proto import (
-    CONFIG_SIZE, REQUEST_SIZE, RESPONSE_SIZE, USABLE_EXTENT_X86, VIRTIO_F_VERSION_1, VIRTIO_ID_MEM,
-    VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_PERSISTENT_SUSPEND, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
-    BlockState, Config, InvalidRange, MalformedRequest, MalformedResponse, Request, RequestType, Response,
-    ResponseType, VirtioMemProtocolError, align_up, is_power_of_two, usable_region_size, validate_range)
+    CONFIG_SIZE,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    USABLE_EXTENT_X86,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_PERSISTENT_SUSPEND,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    BlockState,
+    Config,
+    InvalidRange,
+    MalformedRequest,
+    MalformedResponse,
+    Request,
+    RequestType,
+    Response,
+    ResponseType,
+    VirtioMemProtocolError,
+    align_up,
+    is_power_of_two,
+    usable_region_size,
+    validate_range,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30

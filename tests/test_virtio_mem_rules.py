@@ -1,15 +1,21 @@
-"""One test per device rule of the facts file (sections 3 and 4)."""
+"""One test per device rule of virtio-mem (VIRTIO 1.2, 5.15.6.2 Device Requirements)
+and of its memslots (QEMU's virtio-mem.c, multiple memslots)."""
 
 from __future__ import annotations
 
 import pytest
-from vmem_helpers import (GiB, MiB, PLUG, STATE, UNPLUG, UNPLUG_ALL, kvm_ranges, plug_device,
-                          request, small_machine)
+from vmem_helpers import PLUG, STATE, UNPLUG, UNPLUG_ALL, GiB, MiB, kvm_ranges, plug_device, request, small_machine
 
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError, default_block_size
-from kvmmem.devices.virtio_mem_proto import (VIRTIO_F_VERSION_1, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
-                                             BlockState, Config, Request, ResponseType)
+from kvmmem.devices.virtio_mem_proto import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    BlockState,
+    Config,
+    Request,
+    ResponseType,
+)
 from kvmmem.memory import HostMemory, MemoryListener
 
 pytestmark = pytest.mark.kvm

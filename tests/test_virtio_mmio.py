@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from kvmmem.devices.notifier import Notifier
 from kvmmem.memory import AddressSpace, HostMemory, MemoryRegion, memory_transaction
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
-from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import (
     INT_CONFIG_CHANGE,
     INT_USED_BUFFER,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvmmem.memory import AddressSpace, HostMemory, MemoryRegion, memory_transaction
-from kvmmem.virtio.guest_memory import GuestMemory, GuestMemoryError
+from kvmmem.memory.guest_memory import GuestMemory, GuestMemoryError
 from kvmmem.virtio.queue import (
     MAX_CHAIN_BYTES,
     VIRTQ_DESC_F_INDIRECT,

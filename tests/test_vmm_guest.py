@@ -26,7 +26,7 @@ STEP = re.compile(r"plugged=(\d+) requested=(\d+) ok")
 class Run:
     """A machine whose UART lines go to ``on_line``."""
 
-    def __init__(self, guest: Path, on_line: Callable[["Run", str], None], cmdline: str = "",
+    def __init__(self, guest: Path, on_line: Callable[[Run, str], None], cmdline: str = "",
                  device_size: int = 4 * GiB, **props) -> None:  # type: ignore[no-untyped-def]
         self.lines: list[str] = []
         self._partial = bytearray()
@@ -91,8 +91,8 @@ def test_guest_follows_requested_size_through_grow_shrink_and_reboot(guest_elf, 
     run = Run(guest_elf, on_line, memslots=mode, protect=protect)
     assert run.run() == 0
     assert seen == [(GiB, 0), (2 * GiB + 128 * MiB, 0), (384 * MiB, 0), (384 * MiB, 1), (0, 1)]
-    assert any(l.startswith("virtio-mem: features=") and " block_size=2097152" in l
-               for l in run.lines)
+    assert any(line.startswith("virtio-mem: features=") and " block_size=2097152" in line
+               for line in run.lines)
 
 
 @pytest.mark.parametrize("protect", ["slot", "block"])
@@ -123,7 +123,7 @@ def test_malformed_guest_input_sets_needs_reset_and_vmm_survives(guest_elf, how:
     transport = run.machine.transports[0]
     assert run.run() == 1                     # the guest wrote 0 to the debug-exit port
     assert transport.needs_reset
-    line = next(l for l in run.lines if l.startswith(f"malformed {how}"))
+    line = next(x for x in run.lines if x.startswith(f"malformed {how}"))
     assert int(line.rsplit("status=", 1)[1], 16) & 0x40
     assert run.dev.plugged_size == 0
 

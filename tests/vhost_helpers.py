@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmmem.memory import HostMemory
-from kvmmem.virtio.guest_memory import GuestMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import Reg, Status, VirtioMmioTransport
 
 QSD = shutil.which("qemu-storage-daemon")

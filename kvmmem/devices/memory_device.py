@@ -1,11 +1,9 @@
-"""Where memory devices live: the pc machine's memory map, the device-memory area and memslot budgets.
+"""Where memory devices live: the device-memory area.
 
-Two small models, no KVM calls:
-
-- ``MachineMemoryMap``: RAM below and above 4 GiB and the ``device-memory``
-  area, laid out as QEMU's pc machine does for ``-m ram,maxmem=..,slots=..``.
-- ``DeviceMemory``: hands out guest-physical ranges in that area to memory
-  devices (first fit or an explicit ``memaddr``) and takes them back.
+``DeviceMemory`` hands out guest-physical ranges of a machine's
+``device-memory`` area (:mod:`kvmmem.vmm.pc_layout` places it) to memory
+devices, first fit or at an explicit ``memaddr``, takes them back, and
+answers which device owns an address (QEMU's hw/mem/memory-device.c).
 
 How many memslots a memory device may use, and the reservations that keep
 them free, are in :mod:`kvmmem.devices.memslot_budget`.
@@ -17,20 +15,7 @@ from dataclasses import dataclass
 
 from kvmmem.devices.virtio_mem_proto import align_up, is_power_of_two
 
-KiB = 1 << 10
-MiB = 1 << 20
 GiB = 1 << 30
-TiB = 1 << 40
-
-PAGE_SIZE = 4 * KiB
-FOUR_GIB = 4 * GiB
-# pc machine: RAM below 4 GiB stops at 3 GiB, leaving room for the PCI hole.
-BELOW_4G_MAX = 3 * GiB
-# Device-memory starts 1 GiB aligned; each slot adds 1 GiB so DIMMs can be aligned.
-DEVICE_MEMORY_ALIGN = GiB
-SLOT_SLACK = GiB
-# ACPI limits the pc machine to 256 memory slots.
-MAX_SLOTS = 256
 
 
 class MemoryDeviceError(ValueError):
@@ -77,63 +62,6 @@ class MemoryRange:
 
 
 @dataclass(frozen=True)
-class MachineMemoryMap:
-    """Guest-physical layout of a pc machine started with ``-m ram_size,maxmem=..,slots=..``."""
-
-    ram_size: int
-    maxmem: int | None = None
-    slots: int = 0
-
-    def __post_init__(self) -> None:
-        ram = _check_int("ram_size", self.ram_size)
-        slots = _check_int("slots", self.slots)
-        if ram <= 0 or ram % PAGE_SIZE:
-            raise MemoryDeviceError(f"ram size {ram:#x} must be a positive multiple of the "
-                                    f"{PAGE_SIZE:#x}-byte page size")
-        if not 0 <= slots <= MAX_SLOTS:
-            raise MemoryDeviceError(f"slots={slots} is outside 0..{MAX_SLOTS}, the pc machine's limit")
-        if self.maxmem is None:
-            if slots:
-                raise MemoryDeviceError(f"slots={slots} needs maxmem: without it there is no "
-                                        f"device-memory area for the slots")
-            return
-        maxmem = _check_int("maxmem", self.maxmem)
-        if maxmem % PAGE_SIZE:
-            raise MemoryDeviceError(f"maxmem {maxmem:#x} is not a multiple of the {PAGE_SIZE:#x}-byte page size")
-        if maxmem < ram:
-            raise MemoryDeviceError(f"maxmem {maxmem:#x} is below the ram size {ram:#x}")
-        if maxmem == ram and slots:
-            raise MemoryDeviceError(f"slots={slots} but maxmem equals the ram size {ram:#x}: "
-                                    f"raise maxmem to leave room for memory devices")
-
-    @property
-    def ram_below_4g(self) -> MemoryRange:
-        return MemoryRange("ram-below-4g", 0, min(self.ram_size, BELOW_4G_MAX))
-
-    @property
-    def ram_above_4g(self) -> MemoryRange | None:
-        size = self.ram_size - self.ram_below_4g.size
-        return MemoryRange("ram-above-4g", FOUR_GIB, size) if size else None
-
-    @property
-    def device_memory(self) -> MemoryRange | None:
-        """The ``device-memory`` area, or None when the machine has no maxmem beyond its RAM."""
-        if self.maxmem is None:
-            return None
-        size = self.maxmem - self.ram_size + SLOT_SLACK * self.slots
-        if size == 0:
-            return None
-        high = self.ram_above_4g
-        start = align_up(high.end if high else FOUR_GIB, DEVICE_MEMORY_ALIGN)
-        return MemoryRange("device-memory", start, size)
-
-    def regions(self) -> tuple[MemoryRange, ...]:
-        """Every range of the map, by address."""
-        found = (self.ram_below_4g, self.ram_above_4g, self.device_memory)
-        return tuple(r for r in found if r is not None)
-
-
-@dataclass(frozen=True)
 class PluggedDevice:
     """A memory device's place in the device-memory area."""
 
@@ -153,10 +81,6 @@ class DeviceMemory:
     def __init__(self, area: MemoryRange | None) -> None:
         self._area = area
         self._devices: dict[str, PluggedDevice] = {}
-
-    @classmethod
-    def for_machine(cls, machine: MachineMemoryMap) -> DeviceMemory:
-        return cls(machine.device_memory)
 
     @property
     def area(self) -> MemoryRange | None:
@@ -199,6 +123,10 @@ class DeviceMemory:
                                     f"area are fragmented")
         self._devices[device_id] = PluggedDevice(device_id, addr, size, align)
         return addr
+
+    def owner(self, addr: int) -> str | None:
+        """The id of the device whose range holds ``addr``, if any."""
+        return next((d.device_id for d in self._devices.values() if d.addr <= addr < d.end), None)
 
     def unplug(self, device_id: str) -> PluggedDevice:
         """Free the device's range; MemoryDeviceError if it is not plugged."""

@@ -4,7 +4,8 @@
   each vhost backend), minus what plugged memory devices have reserved, so
   that other memslot users (boot RAM, vhost) cannot take the slots a memory
   device may still need.
-- ``memslots_for_device``: the seed's heuristic, the memslot size and count
+- ``memslots_for_device``: the heuristic of QEMU's separate-memslots RFC
+  (``virtio_mem_decide_memslots``), the memslot size and count
   of one device from its share of the device-memory area.
 
 - ``MemoryDeviceListener``: counts each memory device's memslots by
@@ -21,14 +22,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
 
-from kvmmem.devices.memory_device import (GiB, MemoryDeviceError, MemslotBudgetError,
-                                          _check_int)
+from kvmmem.devices.memory_device import GiB, MemoryDeviceError, MemslotBudgetError, _check_int
 from kvmmem.devices.virtio_mem_proto import is_power_of_two
 from kvmmem.memory.address_space import MemoryListener
 from kvmmem.memory.flatview import FlatRange
 from kvmmem.memory.region import MemoryRegion
 
-# The seed's per-device memslot rules.
+# The per-device memslot rules of QEMU's RFC (virtio_mem_decide_memslots).
 MIN_MEMSLOT_SIZE = GiB
 MAX_MEMSLOTS_PER_DEVICE = 1024
 
@@ -200,7 +200,8 @@ class MemslotSplit:
 
 def memslots_for_device(device_size: int, block_size: int, area_size: int,
                         slots_for_memory_devices: int, max_memslots: int = 0) -> MemslotSplit:
-    """The seed's heuristic for the memslots of one device.
+    """The RFC's heuristic for the memslots of one device (QEMU's
+    ``virtio_mem_decide_memslots``).
 
     The device gets a share of ``slots_for_memory_devices`` in proportion to
     its size in the device-memory area (at least 1), capped at 1024 and at

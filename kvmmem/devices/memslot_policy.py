@@ -97,10 +97,6 @@ class MemslotPolicy(ABC):
     def mapped(self) -> frozenset[MemslotSpan]:
         return frozenset(self._mapped.values())
 
-    @property
-    def nb_mapped(self) -> int:
-        return len(self._mapped)
-
     def is_mapped(self, span: MemslotSpan) -> bool:
         mapped = self._mapped.get(span.offset)
         return mapped is not None and mapped.size == span.size

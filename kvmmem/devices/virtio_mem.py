@@ -28,12 +28,20 @@ from kvmmem.devices.memslot_policy import MemslotChange, MemslotMode, MemslotPol
 from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.plug_bitmap import PlugBitmap
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
+from kvmmem.devices.virtio_mem_props import ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size
 from kvmmem.devices.virtio_mem_proto import (
-    VIRTIO_F_VERSION_1, VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, BlockState, Config,
-    InvalidRange, MalformedRequest, Request, RequestType, Response, usable_region_size,
-    validate_range)
-from kvmmem.devices.virtio_mem_props import (
-    ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size)
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    Config,
+    InvalidRange,
+    MalformedRequest,
+    Request,
+    RequestType,
+    Response,
+    usable_region_size,
+    validate_range,
+)
 from kvmmem.memory.host import HostMemory, HostMemoryError
 from kvmmem.memory.region import MemoryRegion
 
@@ -54,7 +62,7 @@ class VirtioMem:
     """
 
     device_id = VIRTIO_ID_MEM
-    queue_max_sizes = (QUEUE_SIZE,)
+    queue_max_sizes: tuple[int, ...] = (QUEUE_SIZE,)
 
     def __init__(self, props: VirtioMemProps) -> None:
         self.props = props
@@ -394,9 +402,6 @@ class VirtioMem:
         """Grid indices of the memslots mapped now (single mode: {0})."""
         policy = self._policy()
         return frozenset(span.offset // policy.memslot_size for span in policy.mapped)
-
-    def state_of(self, block: int) -> BlockState:
-        return BlockState.PLUGGED if self._bits().is_plugged(block) else BlockState.UNPLUGGED
 
 
 __all__ = ["VirtioMem", "VirtioMemProps", "VirtioMemPropertyError", "ProtectMode", "MemslotMode"]

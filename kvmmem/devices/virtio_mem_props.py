@@ -108,7 +108,7 @@ class VirtioMemProps:
                                          "'unplugged-inaccessible=on'")
 
     @classmethod
-    def from_qemu(cls, options: dict[str, Any]) -> "VirtioMemProps":
+    def from_qemu(cls, options: dict[str, Any]) -> VirtioMemProps:
         """Build from QEMU-spelled names (``block-size``, ``requested-size``...)."""
         known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         kwargs = {}
@@ -135,8 +135,10 @@ def check_requested_size(dev_id: str, requested: int, region_size: int, block_si
 
 
 def _enum(kind: type[StrEnum], name: str, value: object) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise VirtioMemPropertyError(f"'{name}' must be one of {choices}, not {value!r}") from None
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    choices = ", ".join(m.value for m in kind)
+    raise VirtioMemPropertyError(f"'{name}' must be one of {choices}, not {value!r}")

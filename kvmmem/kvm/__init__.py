@@ -3,6 +3,7 @@ one method per ioctl, one error type, typed vCPU exits."""
 
 from kvmmem.kvm import exits
 from kvmmem.kvm._lib import ffi, lib
+from kvmmem.kvm.caps import Cap
 from kvmmem.kvm.cpuid import Cpuid, CpuidEntry
 from kvmmem.kvm.error import KvmError, KvmUnavailableError
 from kvmmem.kvm.system import Kvm, kvm_available
@@ -10,6 +11,6 @@ from kvmmem.kvm.vcpu import Vcpu
 from kvmmem.kvm.vm import PAGE_SIZE, Memslot, Vm
 
 __all__ = [
-    "Cpuid", "CpuidEntry", "Kvm", "KvmError", "KvmUnavailableError", "Memslot",
+    "Cap", "Cpuid", "CpuidEntry", "Kvm", "KvmError", "KvmUnavailableError", "Memslot",
     "PAGE_SIZE", "Vcpu", "Vm", "exits", "ffi", "kvm_available", "lib",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Self
 
 from kvmmem.kvm._lib import ffi, lib
 from kvmmem.kvm.error import KvmError
@@ -32,14 +32,14 @@ class FdObject:
 
     def _ioctl_ptr(self, name: str, request: int, arg: Any) -> int:
         self.ioctl_counts[name] += 1
-        ret = lib.kvmmem_ioctl_ptr(self._fd, request, arg)
+        ret: int = lib.kvmmem_ioctl_ptr(self._fd, request, arg)
         if ret < 0:
             raise KvmError(ffi.errno, name, self._closed_detail())
         return ret
 
     def _ioctl_int(self, name: str, request: int, arg: int = 0) -> int:
         self.ioctl_counts[name] += 1
-        ret = lib.kvmmem_ioctl_int(self._fd, request, arg)
+        ret: int = lib.kvmmem_ioctl_int(self._fd, request, arg)
         if ret < 0:
             raise KvmError(ffi.errno, name, self._closed_detail())
         return ret
@@ -62,7 +62,7 @@ class FdObject:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self) -> "FdObject":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

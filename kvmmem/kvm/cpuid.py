@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from kvmmem.kvm._lib import ffi
 
@@ -31,7 +32,7 @@ class Cpuid:
         self.capacity = capacity
 
     @classmethod
-    def allocate(cls, capacity: int) -> "Cpuid":
+    def allocate(cls, capacity: int) -> Cpuid:
         size = ffi.sizeof("struct kvm_cpuid2") + capacity * ffi.sizeof("struct kvm_cpuid_entry2")
         cpuid = cls(ffi.new("char[]", size), capacity)
         cpuid.raw.nent = capacity

@@ -23,7 +23,7 @@ class KvmError(OSError):
         self.detail = detail
 
     def __str__(self) -> str:
-        name = _errno.errorcode.get(self.errno, str(self.errno))
+        name = _errno.errorcode.get(self.errno if self.errno is not None else -1, str(self.errno))
         return f"[{name}] {self.strerror}"
 
 

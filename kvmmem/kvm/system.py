@@ -63,7 +63,7 @@ class Kvm(FdObject):
         self._ioctl_ptr("KVM_GET_SUPPORTED_CPUID", lib.KVM_GET_SUPPORTED_CPUID, cpuid.raw)
         return cpuid
 
-    def create_vm(self, machine_type: int = 0) -> "Vm":
+    def create_vm(self, machine_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new, empty VM."""
         from kvmmem.kvm.vm import Vm
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import heapq
 import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.kvm._fd import FdObject
 from kvmmem.kvm._lib import ffi, lib
+from kvmmem.kvm.caps import Cap
 from kvmmem.kvm.error import KvmError
 
 if TYPE_CHECKING:
@@ -49,16 +51,16 @@ class Vm(FdObject):
     list, and a slot KVM refuses leaves the accounting as it was.
     """
 
-    def __init__(self, fd: int, kvm: "Kvm") -> None:
+    def __init__(self, fd: int, kvm: Kvm) -> None:
         super().__init__(fd)
         self.kvm = kvm
-        self.max_memslots: int = self.check_extension(lib.KVM_CAP_NR_MEMSLOTS) or FALLBACK_MEMSLOTS
-        self.has_user_memory2 = bool(self.check_extension(lib.KVM_CAP_USER_MEMORY2))
+        self.max_memslots: int = self.check_extension(Cap.NR_MEMSLOTS) or FALLBACK_MEMSLOTS
+        self.has_user_memory2 = bool(self.check_extension(Cap.USER_MEMORY2))
         self._slots: dict[int, Memslot] = {}
         self._freed: list[int] = []
         self._next_fresh = 0
         self._region = ffi.new("struct kvm_userspace_memory_region *")
-        self._vcpus: list["Vcpu"] = []
+        self._vcpus: list[Vcpu] = []
 
     # -- capabilities ------------------------------------------------------
 
@@ -150,7 +152,7 @@ class Vm(FdObject):
         log = ffi.new("struct kvm_dirty_log *")
         log.slot, log.dirty_bitmap = slot, bitmap
         self._ioctl_ptr("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
-        return ffi.buffer(bitmap)[:]
+        return bytes(ffi.buffer(bitmap))
 
     def _check_region(self, name: str, slot: int, gpa: int, size: int, uaddr: int,
                       host_mapped: bool = False) -> None:
@@ -251,12 +253,6 @@ class Vm(FdObject):
         """KVM_SET_PIT2: restore a state from :meth:`get_pit2`."""
         self._ioctl_ptr("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
 
-    def irq_line(self, irq: int, level: int) -> None:
-        """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip high or low."""
-        line = ffi.new("struct kvm_irq_level *")
-        line.irq, line.level = irq, level
-        self._ioctl_ptr("KVM_IRQ_LINE", lib.KVM_IRQ_LINE, line)
-
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi``."""
         req = ffi.new("struct kvm_irqfd *")
@@ -283,7 +279,7 @@ class Vm(FdObject):
 
     # -- vCPUs ---------------------------------------------------------------
 
-    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, with its ``kvm_run`` page mapped."""
         from kvmmem.kvm.vcpu import Vcpu
 

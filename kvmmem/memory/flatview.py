@@ -17,9 +17,9 @@ cheap (identity comparisons).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Iterator, Sequence
 
 from kvmmem.memory.region import ADDR_SPACE_END, MemoryRegion, RegionKind
 

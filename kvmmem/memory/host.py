@@ -25,6 +25,7 @@ MAP_NORESERVE = 0x4000            # asm-generic/mman-common.h (x86 too)
 MADV_POPULATE_WRITE = 23          # Linux 5.14
 MADV_GUARD_INSTALL = 102          # Linux 6.13
 MADV_GUARD_REMOVE = 103           # Linux 6.13
+PROT_NONE = 0                     # <sys/mman.h>; Python's mmap module has it from 3.13 only
 MFD_CLOEXEC = 0x0001
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -174,7 +175,7 @@ class HostMemory:
                     raise self._error("madvise(MADV_GUARD_INSTALL)", offset, size, exc) from exc
                 self._guard_mode = False    # e.g. a kernel without guards on shmem
         if not self._guard_mode:
-            self._mprotect(offset, size, mmap.PROT_NONE)
+            self._mprotect(offset, size, PROT_NONE)
         self._mark_protected(offset, size, True)
 
     def unprotect(self, offset: int, size: int) -> None:
@@ -203,7 +204,7 @@ class HostMemory:
         self._check_bytes(offset, size)
         return self._map[offset:offset + size]
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (refuses protected memory instead of faulting)."""
         self._check_bytes(offset, len(data))
         self._map[offset:offset + len(data)] = data

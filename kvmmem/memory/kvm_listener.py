@@ -50,9 +50,10 @@ class KvmMemoryListener(MemoryListener):
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
-        # fr.start -> (fr, slot, guest address, size, host address, flags);
-        # the MemslotRecords are built when asked for, not on every change.
-        self._by_start: dict[int, tuple[FlatRange, int, int, int, int, int]] = {}
+        # fr.start -> (fr, slot id). What the slot maps (guest range, host
+        # address, flags) is in the one memslot table, the VM's
+        # (``Vm.memslots``); the MemslotRecords are built when asked for.
+        self._by_start: dict[int, tuple[FlatRange, int]] = {}
         # Slots freed in the current bracket, so that an undo re-creates a
         # range under its old id (a rollback leaves KVM exactly as it was).
         self._freed: dict[FlatRange, int] = {}
@@ -82,13 +83,13 @@ class KvmMemoryListener(MemoryListener):
             # host_mapped: hva comes from a HostMemory that is open (its
             # address property raises otherwise), no need for an msync.
             slot = self.vm.add_memslot(gpa, size, hva, flags, host_mapped=True)
-        self._by_start[fr.start] = (fr, slot, gpa, size, hva, flags)
+        self._by_start[fr.start] = (fr, slot)
 
     def region_del(self, fr: FlatRange) -> None:
         entry = self._by_start.get(fr.start)
         if entry is None:
             return                       # an I/O or sub-page range: no slot
-        mapped, slot = entry[0], entry[1]
+        mapped, slot = entry
         if mapped is not fr and mapped != fr:
             raise RuntimeError(f"KVM listener out of sync: asked to delete {fr}, "
                                f"but {mapped} is mapped there")
@@ -100,14 +101,14 @@ class KvmMemoryListener(MemoryListener):
 
     def memslots(self) -> list[MemslotRecord]:
         """The memslots this listener holds, by guest address."""
-        return [MemslotRecord(slot, gpa, size, hva, flags, fr.region.name,
-                              fr.alias.name if fr.alias is not None else None)
-                for _, (fr, slot, gpa, size, hva, flags) in sorted(self._by_start.items())]
-
-    def slot_of(self, fr: FlatRange) -> int | None:
-        """The memslot id backing ``fr``, None if it has none."""
-        entry = self._by_start.get(fr.start)
-        return entry[1] if entry is not None and entry[0] == fr else None
+        table = self.vm.memslots
+        records = []
+        for _, (fr, slot) in sorted(self._by_start.items()):
+            m = table[slot]
+            records.append(MemslotRecord(slot, m.guest_phys_addr, m.memory_size,
+                                         m.userspace_addr, m.flags, fr.region.name,
+                                         fr.alias.name if fr.alias is not None else None))
+        return records
 
     def has_memory(self, space: AddressSpace, start: int, size: int) -> bool:
         """Whether a memslot maps exactly ``[start, start+size)`` of ``space``."""

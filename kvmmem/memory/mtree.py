@@ -1,13 +1,14 @@
 """``info mtree``: the region tree and the flat views in QEMU's HMP format.
 
-The text matches QEMU's monitor output byte for byte, as QEMU printed it
-when the seed was written (containers as ``i/o``; recent QEMU prints regions
+The text matches QEMU's monitor output byte for byte (``mtree_info`` in
+QEMU's system/memory.c) as QEMU 7 and 8 print it (containers as ``i/o``;
+QEMU 9 prints regions
 without a parent as ``container``), so listings compare with QEMU's directly.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from kvmmem.memory.address_space import AddressSpace, address_spaces
 from kvmmem.memory.region import MemoryRegion, RegionKind

@@ -8,7 +8,7 @@ higher priority wins, and at equal priority the one added later wins (the
 order QEMU's implementation gives; its documentation leaves it open).
 
 Every change goes through the global memory transaction (see
-:mod:`kvmmem.memory.address_space`): it is journalled so a failed commit can
+:mod:`kvmmem.memory.transaction`): it is journalled so a failed commit can
 undo it, and it invalidates the cached rendering of the region and of every
 region above it.
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import enum
 import weakref
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING
 
 from kvmmem.memory.address_index import AddressIndex
 from kvmmem.memory.host import HostMemory
+from kvmmem.memory.transaction import TRANSACTION
 
 if TYPE_CHECKING:
     from kvmmem.memory.flatview import FlatRange
@@ -45,19 +47,6 @@ class RegionKind(enum.Enum):
 # handles: (container, child, child's offset, True for added / False for
 # removed). Other mutations are journalled with None.
 Change = tuple["MemoryRegion", "MemoryRegion", int, bool]
-
-
-class _Journal(Protocol):
-    """What region mutations need from the transaction machinery."""
-
-    def begin(self) -> None: ...
-    def record(self, undo: Callable[[], None], change: Change | None = None) -> None: ...
-    def commit(self) -> None: ...
-
-
-# Installed by kvmmem.memory.address_space when it is imported (always, via
-# the package); without it mutations apply immediately and unjournalled.
-_journal: _Journal | None = None
 
 
 class MemoryRegion:
@@ -100,7 +89,7 @@ class MemoryRegion:
         # of every mutation).
         self._aliased_by: list[weakref.ref[MemoryRegion]] = []
         # (render key, rendered ranges) of the last rendering; see flatview.py.
-        self._rcache: tuple[tuple, list[FlatRange]] | None = None
+        self._rcache: tuple[tuple[object, ...], list[FlatRange]] | None = None
         # Subregions by address, built when first asked for (address_index.py).
         self._aindex: AddressIndex | None = None
 
@@ -237,16 +226,6 @@ class MemoryRegion:
                              f"in a 64-bit address space")
         self._set("addr", offset)
 
-    def set_alias_offset(self, offset: int) -> None:
-        """Point an alias at another offset of its target."""
-        _check_int("offset", offset)
-        if self.target is None:
-            raise TypeError(f"region {self.name!r} is not an alias")
-        if offset < 0 or offset + self.size > self.target.size:
-            raise ValueError(f"alias {self.name!r}: offset {offset:#x} puts it outside "
-                             f"{self.target.name!r}")
-        self._set("alias_offset", offset)
-
     def set_readonly(self, readonly: bool) -> None:
         """Make guest writes to this region (and below) fault/exit instead of storing."""
         self._set("readonly", bool(readonly))
@@ -275,10 +254,7 @@ class MemoryRegion:
 
     def _mutate(self, do: Callable[[], None], undo: Callable[[], None],
                 change: Change | None = None) -> None:
-        journal = _journal
-        if journal is None:
-            do()
-            return
+        journal = TRANSACTION
         journal.begin()
         try:
             do()

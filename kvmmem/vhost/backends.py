@@ -5,7 +5,7 @@ the libvhost-user of QEMU 7.2, 509 later), usually far below KVM's. When a
 vhost-user device is added, :class:`VhostBackends` connects to its back-end,
 checks that all guest memory is shared, refuses the back-end if it cannot
 hold the RAM ranges mapped now plus the memslots memory devices have
-reserved (QEMU's ``vhost_dev_init``, from the seed's "vhost: Respect
+reserved (QEMU's ``vhost_dev_init``, from the separate-memslots RFC's patch "vhost: Respect
 reserved memslots for memory devices when realizing a vhost device"), then
 attaches its memory listener and registers it with the budget as a consumer,
 so that later memory devices get their memslot count from the minimum over
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from kvmmem.devices.memory_device import MemslotBudgetError
 from kvmmem.devices.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
 from kvmmem.memory import HostMemory
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.frontend import VhostUserError, VhostUserFrontend
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.mmio import VhostMmioTransport
-from kvmmem.virtio.guest_memory import GuestMemory
 
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.frontend import VhostUserError
-from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import INT_USED_BUFFER, Reg, Status, VirtioMmioTransport
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ answer back, so a device never sees a guest address.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 __all__ = ["VirtioDevice", "NotifierList", "VIRTIO_F_VERSION_1"]
 

@@ -35,15 +35,28 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvmmem.memory import MemoryRegion
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
 from kvmmem.virtio.eventfds import IrqFd, NotifyFd
-from kvmmem.virtio.guest_memory import GuestMemory
-from kvmmem.virtio.mmio_regs import (CONFIG_OFFSET, INT_CONFIG_CHANGE, INT_USED_BUFFER,
-                                     MAGIC_VALUE, MMIO_SIZE, QUEUE_ADDRESS, READ_ONLY,
-                                     VENDOR_ID, VERSION, WRITE_ONLY, QueueState, Reg, Status)
+from kvmmem.virtio.mmio_regs import (
+    CONFIG_OFFSET,
+    INT_CONFIG_CHANGE,
+    INT_USED_BUFFER,
+    MAGIC_VALUE,
+    MMIO_SIZE,
+    QUEUE_ADDRESS,
+    READ_ONLY,
+    VENDOR_ID,
+    VERSION,
+    WRITE_ONLY,
+    QueueState,
+    Reg,
+    Status,
+)
 from kvmmem.virtio.queue import MAX_QUEUE_SIZE, QueueViolation, SplitQueue
 
 if TYPE_CHECKING:
@@ -126,10 +139,6 @@ class VirtioMmioTransport:
     @property
     def interrupt_status(self) -> int:
         return self._interrupt_status
-
-    @property
-    def config_generation(self) -> int:
-        return self._config_generation
 
     @property
     def driver_features(self) -> int:

@@ -6,7 +6,7 @@ available ring (heads of chains offered to the device) and the used ring
 them is guest-controlled, so every value read is checked before it is used,
 and a bad one raises :class:`QueueViolation`; the transport answers that
 with DEVICE_NEEDS_RESET.  Guest memory is only reached through
-:class:`~kvmmem.virtio.guest_memory.GuestMemory`, so a bad address can never
+:class:`~kvmmem.memory.guest_memory.GuestMemory`, so a bad address can never
 reach host memory outside the guest.
 
 Not offered, hence not implemented: VIRTIO_F_INDIRECT_DESC (a descriptor
@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from kvmmem.virtio.guest_memory import GuestMemory, GuestMemoryError
+from kvmmem.memory.guest_memory import GuestMemory, GuestMemoryError
 
 __all__ = [
     "Buffer", "DescriptorChain", "QueueViolation", "SplitQueue", "MAX_QUEUE_SIZE",
@@ -212,7 +212,8 @@ class SplitQueue:
     # -- guest memory, with memory errors as violations ----------------------------
 
     def _u16(self, gpa: int) -> int:
-        return _U16.unpack(self._read(gpa, 2))[0]
+        value: int = _U16.unpack(self._read(gpa, 2))[0]
+        return value
 
     def _read(self, gpa: int, size: int) -> bytes:
         try:

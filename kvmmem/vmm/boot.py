@@ -36,20 +36,21 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.kvm import x86
+from kvmmem.memory.guest_memory import GuestMemory, GuestMemoryError
 
 if TYPE_CHECKING:
     from kvmmem.kvm import Vcpu
-    from kvmmem.memory import HostMemory
 
 __all__ = [
     "BootError", "BootLayout", "BootPlan", "ElfImage", "ElfSegment", "WritePhys",
     "E820_RAM", "E820_RESERVED", "GDT_ADDR", "ZERO_PAGE_ADDR", "STACK_TOP", "CMDLINE_ADDR",
     "CMDLINE_MAX", "parse_elf64", "load_elf64", "build_zero_page", "prepare_boot",
-    "set_boot_registers", "boot", "apply_boot", "pc_e820", "pc_ram_writer",
+    "set_boot_registers", "boot", "apply_boot", "guest_writer",
 ]
 
 WritePhys = Callable[[int, bytes], None]
@@ -370,7 +371,7 @@ def prepare_boot(kernel: bytes | str | os.PathLike[str] | ElfImage, cmdline: str
     return BootPlan(layout, tuple(writes))
 
 
-def set_boot_registers(vcpu: "Vcpu", layout: BootLayout) -> None:
+def set_boot_registers(vcpu: Vcpu, layout: BootLayout) -> None:
     """Put ``vcpu`` at the kernel's 64-bit entry as the protocol says."""
     from kvmmem.kvm import ffi
 
@@ -386,7 +387,7 @@ def set_boot_registers(vcpu: "Vcpu", layout: BootLayout) -> None:
     vcpu.set_regs(regs)
 
 
-def boot(vcpu: "Vcpu", write_phys: WritePhys, kernel: bytes | str | os.PathLike[str] | ElfImage,
+def boot(vcpu: Vcpu, write_phys: WritePhys, kernel: bytes | str | os.PathLike[str] | ElfImage,
          cmdline: str | bytes, e820: Sequence[tuple[int, int, int]], map_size: int) -> BootLayout:
     """Load ``kernel``, write the loader's structures and set ``vcpu`` up
     for its 64-bit entry; ``map_size`` is the end of the identity map (the
@@ -394,7 +395,7 @@ def boot(vcpu: "Vcpu", write_phys: WritePhys, kernel: bytes | str | os.PathLike[
     return apply_boot(vcpu, write_phys, prepare_boot(kernel, cmdline, e820, map_size))
 
 
-def apply_boot(vcpu: "Vcpu", write_phys: WritePhys, plan: BootPlan) -> BootLayout:
+def apply_boot(vcpu: Vcpu, write_phys: WritePhys, plan: BootPlan) -> BootLayout:
     """Write a checked plan to guest memory and set ``vcpu`` up for its entry."""
     for addr, data in plan.writes:
         write_phys(addr, data)
@@ -404,27 +405,14 @@ def apply_boot(vcpu: "Vcpu", write_phys: WritePhys, plan: BootPlan) -> BootLayou
 
 # -- pc helpers -----------------------------------------------------------------
 
-def pc_e820(ram_below_4g: int, ram_above_4g: int = 0) -> list[tuple[int, int, int]]:
-    """The e820 RAM map of a pc: conventional memory, RAM from 1 MiB to
-    ``ram_below_4g``, and ``ram_above_4g`` bytes from 4 GiB."""
-    if not 2 * MIB <= ram_below_4g <= FOUR_GIB or ram_above_4g < 0:
-        raise BootError(f"RAM below 4 GiB ({ram_below_4g:#x}) must be 2 MiB to 4 GiB "
-                        f"and RAM above it ({ram_above_4g:#x}) not negative")
-    e820 = [(0, LOW_RAM_END, E820_RAM), (MIB, ram_below_4g - MIB, E820_RAM)]
-    if ram_above_4g:
-        e820.append((FOUR_GIB, ram_above_4g, E820_RAM))
-    return e820
 
-
-def pc_ram_writer(ram: "HostMemory", ram_below_4g: int) -> WritePhys:
-    """A ``write_phys`` for pc RAM: guest [0, ram_below_4g) is the start of
-    ``ram``, the rest of ``ram`` appears at 4 GiB."""
+def guest_writer(memory: GuestMemory) -> WritePhys:
+    """A ``write_phys`` through the machine's guest-memory access: a range
+    that is not (entirely) RAM raises :class:`BootError`."""
     def write_phys(addr: int, data: bytes) -> None:
-        end = addr + len(data)
-        if 0 <= addr and end <= ram_below_4g:
-            ram.write(addr, data)
-        elif FOUR_GIB <= addr and end - FOUR_GIB + ram_below_4g <= ram.size:
-            ram.write(addr - FOUR_GIB + ram_below_4g, data)
-        else:
-            raise BootError(f"guest range {addr:#x}-{end:#x} is not (entirely) RAM")
+        try:
+            memory.write(addr, data)
+        except GuestMemoryError as exc:
+            raise BootError(f"guest range {addr:#x}-{addr + len(data):#x} is not (entirely) "
+                            f"RAM: {exc}") from exc
     return write_phys

@@ -19,10 +19,10 @@ from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
+from kvmmem.units import MiB, SizeError, parse_size
 from kvmmem.vmm.chardev import BufferedOutput, fd_writer
 from kvmmem.vmm.host_signals import HostSignals
 from kvmmem.vmm.log_output import StderrLog
-from kvmmem.vmm.units import SizeError, parse_size
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
@@ -57,9 +57,9 @@ def parse_keyval(option: str, text: str, implied: str) -> dict[str, str]:
     return result
 
 
-def _size(option: str, key: str, value: str) -> int:
+def _size(option: str, key: str, value: str, default_unit: int = 1) -> int:
     try:
-        return parse_size(value)
+        return parse_size(value, default_unit=default_unit)
     except SizeError as exc:
         raise OptionError(option, f"{key}={value!r} is not a size: {exc.reason} "
                                   "(examples: 512M, 2G)") from None
@@ -131,7 +131,7 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     unknown = set(mem) - {"size", "maxmem", "slots"}
     if unknown:
         raise OptionError("-m", f"unknown key {sorted(unknown)[0]!r}")
-    ram = _size("-m", "size", _require("-m", mem, "size"))
+    ram = _size("-m", "size", _require("-m", mem, "size"), MiB)   # QEMU: -m 512 is 512 MiB
     maxmem = _size("-m", "maxmem", mem["maxmem"]) if "maxmem" in mem else None
     try:
         slots = int(mem.get("slots", "0"))
@@ -216,14 +216,15 @@ def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
     """The pc memory map ``-m`` asks for, checked before anything is mapped:
     its rules, and an end the boot page tables can map (QEMU checks maxmem
     against the CPU's physical address bits the same way)."""
-    from kvmmem.devices.memory_device import MachineMemoryMap, MemoryDeviceError
+    from kvmmem.devices.memory_device import MemoryDeviceError
     from kvmmem.vmm.boot import MAX_MAP_SIZE
+    from kvmmem.vmm.pc_layout import MachineMemoryMap
 
     try:
         layout = MachineMemoryMap(ram, maxmem, slots)
     except MemoryDeviceError as exc:
         raise OptionError("-m", str(exc)) from None
-    end = max(r.end for r in layout.regions())
+    end = layout.identity_map_end
     if end > MAX_MAP_SIZE:
         raise OptionError("-m", f"the memory map ends at {end:#x}, beyond the {MAX_MAP_SIZE:#x} "
                                 "bytes of guest-physical address space the machine maps")

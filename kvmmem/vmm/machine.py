@@ -24,8 +24,8 @@ from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
 from kvmmem.memory import HostMemory, RegionKind
+from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.backends import VhostBackends
-from kvmmem.virtio.guest_memory import GuestMemory
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
@@ -168,22 +168,14 @@ class Machine:
         parts = ["console=ttyS0"] + [t.linux_cmdline() for t in self.transports]
         return " ".join(parts + ([self.config.cmdline] if self.config.cmdline else []))
 
-    def _ram_below_above_4g(self) -> tuple[int, int]:
-        layout = self.memory.layout
-        return (layout.ram_below_4g.size if layout.ram_below_4g else 0,
-                layout.ram_above_4g.size if layout.ram_above_4g else 0)
-
     def _ram_writer(self) -> boot.WritePhys:
-        return boot.pc_ram_writer(self.memory.ram_host, self._ram_below_above_4g()[0])
+        return boot.guest_writer(self.guest_memory)
 
     def _boot_plan(self) -> boot.BootPlan:
         """What loading the kernel writes (pure: checks only, nothing written)."""
-        below, above = self._ram_below_above_4g()
-        area = self.memory.layout.device_memory
-        map_size = max(4 << 30, area.start + area.size if area else 4 << 30,
-                       (4 << 30) + above)
-        return boot.prepare_boot(self.kernel_image, self.cmdline, boot.pc_e820(below, above),
-                                 map_size)
+        layout = self.memory.layout
+        return boot.prepare_boot(self.kernel_image, self.cmdline, layout.e820(),
+                                 layout.identity_map_end)
 
     # -- running -----------------------------------------------------------
 
@@ -339,8 +331,7 @@ class Machine:
             self.vcpu.complete_mmio_read(b"\xff" * ex.length)
 
     def _unplugged(self, address: int, is_write: bool) -> None:
-        owner = next((d.id for d in self.devices.values()
-                      if d.addr <= address < d.addr + d.region_size), "")
+        owner = self.memory.owner(address)
         access = UnpluggedAccess(owner, address, self.vcpu.id, is_write)
         self._warning = self.unplugged.record(access)     # None while rate-limited
         self.unplugged_access_notifiers.notify(access)

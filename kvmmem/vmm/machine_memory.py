@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmmem.devices.memory_device import DeviceMemory, MachineMemoryMap, MemoryDeviceError
-from kvmmem.devices.memslot_budget import (MemoryDeviceListener, MemslotBudget, MemslotSplit,
-                                           memslots_for_device)
+from kvmmem.devices.memory_device import DeviceMemory, MemoryDeviceError
+from kvmmem.devices.memslot_budget import MemoryDeviceListener, MemslotBudget, MemslotSplit, memslots_for_device
 from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem
 from kvmmem.kvm import Vm
-from kvmmem.memory import (AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion,
-                           memory_transaction, mtree_info)
+from kvmmem.memory import AddressSpace, HostMemory, KvmMemoryListener, MemoryRegion, memory_transaction, mtree_info
 from kvmmem.vmm.memslot_metadata import default_limit, device_estimate, refusal
+from kvmmem.vmm.pc_layout import MachineMemoryMap
 
 SYSTEM_SIZE = 1 << 64
 
@@ -51,19 +50,18 @@ class MachineMemory:
         (estimated, see :mod:`kvmmem.vmm.memslot_metadata`)."""
         self.layout = MachineMemoryMap(ram_size, maxmem, slots)
         self.budget = MemslotBudget({"kvm": lambda: vm.free_memslots})
-        self.device_memory = DeviceMemory.for_machine(self.layout)
+        self.device_memory = DeviceMemory(self.layout.device_memory)
         self.ram_host = ram_host or HostMemory(ram_size, "pc.ram")
         self.system = MemoryRegion.container("system", SYSTEM_SIZE)
         self.pc_ram = MemoryRegion.ram("pc.ram", self.ram_host)
         self.devices: dict[str, VirtioMem] = {}
-        boot_ram = [r for r in (self.layout.ram_below_4g, self.layout.ram_above_4g) if r]
+        boot_ram = self.layout.boot_ram()
         self.budget.check_available("boot RAM", len(boot_ram))
-        offset = 0
         with memory_transaction():
-            for r in boot_ram:
-                alias = MemoryRegion.alias(r.name, self.pc_ram, offset, r.size)
-                self.system.add_subregion(r.start, alias)
-                offset += r.size
+            for piece in boot_ram:
+                r = piece.range
+                self.system.add_subregion(
+                    r.start, MemoryRegion.alias(r.name, self.pc_ram, piece.ram_offset, r.size))
             area = self.layout.device_memory
             self.device_memory_region = None
             if area is not None:
@@ -177,6 +175,10 @@ class MachineMemory:
             result.append(DeviceMemslot(index, gpa, span.size, mapped,
                                         kvm_slots.get(gpa) if mapped else None))
         return result
+
+    def owner(self, addr: int) -> str:
+        """The id of the memory device whose range holds ``addr``, or ""."""
+        return self.device_memory.owner(addr) or ""
 
     def info_mtree(self, flatview: bool = False) -> str:
         """``info mtree`` (or ``-f``) of this machine's address space."""

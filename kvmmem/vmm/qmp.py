@@ -26,10 +26,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmmem.vmm.qmp_commands import MachineMonitor, version_info
-from kvmmem.vmm.qmp_limits import (MAX_CLIENTS, MAX_OUTPUT, OUT_OF_FDS, SUSPEND_AT,
-                                   RateLimitedLog, SpareFd, refuse)
-from kvmmem.vmm.qmp_protocol import (MAX_MESSAGE_SIZE, ErrorClass, JsonSplitter, QmpError,
-                                      StreamError, encode_message, parse_json)
+from kvmmem.vmm.qmp_limits import MAX_CLIENTS, MAX_OUTPUT, OUT_OF_FDS, SUSPEND_AT, RateLimitedLog, SpareFd, refuse
+from kvmmem.vmm.qmp_protocol import (
+    MAX_MESSAGE_SIZE,
+    ErrorClass,
+    JsonSplitter,
+    QmpError,
+    StreamError,
+    encode_message,
+    parse_json,
+)
 from kvmmem.vmm.qmp_socket import QmpServerError, SocketOwner
 
 if TYPE_CHECKING:
@@ -62,7 +68,7 @@ def _error(desc: str, error_class: ErrorClass = ErrorClass.GENERIC) -> dict[str,
 class QmpServer:
     """Serves QMP for ``machine`` on the UNIX socket ``path``."""
 
-    def __init__(self, machine: "Machine", path: str | os.PathLike[str],
+    def __init__(self, machine: Machine, path: str | os.PathLike[str],
                  max_message_size: int = MAX_MESSAGE_SIZE,
                  max_clients: int = MAX_CLIENTS, max_output: int = MAX_OUTPUT) -> None:
         if max_message_size < 1024:
@@ -137,7 +143,7 @@ class QmpServer:
         self._thread = None
         self._owner.release()
 
-    def __enter__(self) -> "QmpServer":
+    def __enter__(self) -> QmpServer:
         self.start()
         return self
 

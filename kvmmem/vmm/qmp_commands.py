@@ -11,6 +11,7 @@ given, which must be safe to call from any thread.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ def version_info() -> dict[str, Any]:
 class MachineMonitor:
     """The QMP commands and events of one :class:`Machine`."""
 
-    def __init__(self, machine: "Machine", emit: EmitFn) -> None:
+    def __init__(self, machine: Machine, emit: EmitFn) -> None:
         self.machine = machine
         self.emit = emit
         self.shut_down = False
@@ -169,14 +170,14 @@ class MachineMonitor:
     def _subscribe(self, notifiers: Notifier[Any], observer: Callable[[Any], None]) -> None:
         self._subscribed.append((notifiers, notifiers.add(observer)))
 
-    def _size_observer(self, dev: "VirtioMem") -> Callable[[int], None]:
+    def _size_observer(self, dev: VirtioMem) -> Callable[[int], None]:
         return lambda size: self._size_changed(dev, size)
 
-    def _size_changed(self, dev: "VirtioMem", size: int) -> None:
+    def _size_changed(self, dev: VirtioMem, size: int) -> None:
         self._emit_throttled("MEMORY_DEVICE_SIZE_CHANGE",
                              {"id": dev.id, "size": size, "qom-path": f"{PERIPHERAL}/{dev.id}"})
 
-    def _unplugged_access(self, access: "UnpluggedAccess") -> None:
+    def _unplugged_access(self, access: UnpluggedAccess) -> None:
         data: dict[str, Any] = {}
         if access.device:
             data.update({"device": access.device, "qom-path": f"{PERIPHERAL}/{access.device}"})
@@ -226,9 +227,9 @@ class MachineMonitor:
     def _query_memslots(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         """Every KVM memslot of the VM, with the region and device it maps."""
         with self.machine.lock:
-            records = self.machine.memory.kvm_listener.memslots()
-            owners = [(d.addr, d.addr + d.region_size, d.id) for d in self.machine.devices.values()
-                      if d.realized]
+            memory = self.machine.memory
+            records = memory.kvm_listener.memslots()
+            owners = {rec.slot: memory.owner(rec.guest_phys_addr) for rec in records}
         result = []
         for rec in sorted(records, key=lambda r: r.guest_phys_addr):
             slot: dict[str, Any] = {"slot": rec.slot, "start": rec.guest_phys_addr,
@@ -236,8 +237,8 @@ class MachineMonitor:
                                     "flags": rec.flags, "region": rec.region}
             if rec.alias is not None:
                 slot["alias"] = rec.alias
-            device = next((i for lo, hi, i in owners if lo <= rec.guest_phys_addr < hi), None)
-            if device is not None:
+            device = owners[rec.slot]
+            if device:
                 slot["device"] = device
             result.append(slot)
         return result
@@ -275,7 +276,7 @@ class MachineMonitor:
             props = {"type": QomProperty("string", lambda: typename), **props}
             for name, child_type in children.items():
                 child = f"{path.rstrip('/')}/{name}"
-                props[name] = QomProperty(f"child<{child_type}>", lambda c=child: c)
+                props[name] = QomProperty(f"child<{child_type}>", functools.partial(str, child))
             objects[path] = QomObject(path, typename, props)
 
         devices = dict(self.machine.devices)
@@ -288,10 +289,10 @@ class MachineMonitor:
             add(f"{PERIPHERAL}/{dev_id}", "virtio-mem", self._device_properties(dev))
         for name, mem in memdevs.items():
             add(f"{OBJECTS}/{name}", "memory-backend-ram",
-                {"size": QomProperty("uint64", lambda m=mem: m.size)})
+                {"size": QomProperty("uint64", functools.partial(getattr, mem, "size"))})
         return objects
 
-    def _device_properties(self, dev: "VirtioMem") -> dict[str, QomProperty]:
+    def _device_properties(self, dev: VirtioMem) -> dict[str, QomProperty]:
         def getter(name: str) -> Callable[[], Any]:
             def get() -> Any:
                 with self.machine.lock:
@@ -311,7 +312,7 @@ class MachineMonitor:
         with self.machine.lock:
             return read()
 
-    def _set_requested_size(self, dev: "VirtioMem", value: Any) -> None:
+    def _set_requested_size(self, dev: VirtioMem, value: Any) -> None:
         if not has_type(value, "int") or value < 0:
             raise QmpError("Invalid parameter type for 'requested-size', expected: size")
         if self.shut_down:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmmem.kvm import Kvm, exits, lib, x86
+from kvmmem.kvm import Cap, Kvm, exits, x86
 from kvmmem.memory import HostMemory
 
 RAM_SIZE = 2 << 20
@@ -57,7 +57,7 @@ def run_smoke() -> SmokeReport:
                 api_version=kvm.get_api_version(),
                 max_memslots=vm.max_memslots,
                 user_memory2=vm.has_user_memory2,
-                memory_fault_info=bool(vm.check_extension(lib.KVM_CAP_MEMORY_FAULT_INFO)),
+                memory_fault_info=bool(vm.check_extension(Cap.MEMORY_FAULT_INFO)),
                 guest_said=said,
                 exits=tuple(seen),
             )

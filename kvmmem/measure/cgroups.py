@@ -1,6 +1,6 @@
 """Memory cgroups for kernel-memory measurements: finding a usable v1 or v2
 hierarchy, making and removing a cgroup, moving a process into it and reading
-its kernel charge. :mod:`kvmmem.vmm.kmem` runs work in such a cgroup.
+its kernel charge. :mod:`kvmmem.measure.kmem` runs work in such a cgroup.
 
 Measurement cgroups are made inside the caller's own cgroup (so limits and
 accounting of the caller's ancestors still apply), or inside the directory
@@ -115,7 +115,7 @@ def v2_kernel_bytes(stat: dict[str, int]) -> int:
 class MemCgroup:
     """One measurement cgroup: join it, read it, remove it."""
 
-    def __init__(self, path: Path, backend: "KmemBackend") -> None:
+    def __init__(self, path: Path, backend: KmemBackend) -> None:
         self.path = path
         self.backend = backend
 

@@ -1,12 +1,21 @@
-"""Sizes as QEMU spells them on the command line: 512M, 2G, 1T, or bytes."""
+"""Sizes as QEMU spells them: 512M, 2G, 1T, 0x1000, or a bare number.
+
+What a bare number counts differs per option in QEMU, so the caller says:
+bytes for properties and object sizes (``qemu_strtosz``), MiB for the ``-m``
+size (``qemu_strtosz_MiB``); the benchmarks count GiB.
+"""
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal
 
-_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
-             "E": 1 << 60}
+__all__ = ["KiB", "MiB", "GiB", "TiB", "SIZE_LIMIT", "SizeError", "format_size", "mib",
+           "parse_size"]
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+_SUFFIXES = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": 1 << 50, "E": 1 << 60}
 # QEMU's qemu_strtosz (util/cutils.c): a decimal number, optionally with a
 # fraction, or a hexadecimal integer, then an optional unit suffix. No sign,
 # no exponent, no inf/nan, ASCII digits only.
@@ -23,8 +32,9 @@ class SizeError(ValueError):
         self.reason = reason
 
 
-def parse_size(text: str) -> int:
-    """``"2G"`` -> 2147483648; a plain number is bytes (hex with 0x).
+def parse_size(text: str, *, default_unit: int = 1) -> int:
+    """``"2G"`` -> 2147483648; a number without a suffix counts ``default_unit``
+    bytes (hex with 0x).
 
     Raises SizeError (a ValueError) saying why for anything else: a sign, an exponent,
     inf or nan, an unknown suffix, a fraction of a byte, or 2^64 or more.
@@ -35,9 +45,10 @@ def parse_size(text: str) -> int:
         why = "negative sizes are not allowed" if value.startswith("-") else \
             "expected a non-negative number with an optional suffix B, K, M, G, T, P or E"
         raise SizeError(text, why)
-    number, suffix = m.groups()
+    number: str = m[1]
+    suffix: str = m[2]
     amount = Decimal(int(number, 16)) if number[:2].lower() == "0x" else Decimal(number)
-    result = amount * _SUFFIXES[suffix.upper()]
+    result = amount * (_SUFFIXES[suffix.upper()] if suffix else default_unit)
     if result != result.to_integral_value():
         raise SizeError(text, "not a whole number of bytes")
     if result >= SIZE_LIMIT:

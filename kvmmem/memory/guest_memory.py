@@ -9,7 +9,9 @@ write to read-only memory, a protected block of host memory) is refused with
 
 from __future__ import annotations
 
-from kvmmem.memory import AddressSpace, FlatRange, FlatView, HostMemory, HostMemoryError
+from kvmmem.memory.address_space import AddressSpace
+from kvmmem.memory.flatview import FlatRange, FlatView
+from kvmmem.memory.host import HostMemory, HostMemoryError
 
 __all__ = ["GuestMemory", "GuestMemoryError"]
 
@@ -98,9 +100,9 @@ class GuestMemory:
         view = self.address_space.flatview
         hit = self._hit
         if hit is not None and hit[0] is view:
-            fr = hit[1]
-            if fr.start <= gpa and end <= fr.start + fr.size:
-                return [self._piece(fr, gpa, size, write)]
+            last = hit[1]
+            if last.start <= gpa and end <= last.start + last.size:
+                return [self._piece(last, gpa, size, write)]
         pieces: list[tuple[FlatRange, int, int]] = []
         addr = gpa
         while True:

@@ -1,16 +1,17 @@
-"""``kvmmem demo``: the seed replayed on this machine.
+"""``kvmmem demo``: the example of QEMU's RFC "virtio-mem: Expose device memory
+via separate memslots" (2021) replayed on this machine.
 
 A pc machine with 4 GiB of RAM and a 500 GiB virtio-mem device is asked for
 2 GiB, 20 GiB, then 5 GiB followed by a reboot. After each step the demo
 prints the ``device-memory`` part of ``info mtree`` (in ``usable`` mode the
-seed's listings), the memslots the device holds, the plugged size the guest
+RFC's listings, kept in tests/seed.py), the memslots the device holds, the plugged size the guest
 reports, and the kernel memory KVM's metadata costs, measured in a memory
 cgroup, next to what the same device costs as one memslot (``single``).
 
 The driver is the test guest (``build/guest/guest.elf``) booted under KVM,
 which plugs and unplugs through virtio-mmio as Linux's driver does; with
 ``driver="host"`` requests come from the host-side
-:class:`~kvmmem.devices.virtio_mem_driver.HostDriver` instead (no guest).
+:class:`~kvmmem.measure.host_driver.HostDriver` instead (no guest).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
-from kvmmem.devices.virtio_mem_driver import HostDriver
 from kvmmem.kvm import Kvm
+from kvmmem.measure.host_driver import HostDriver
+from kvmmem.measure.kmem import KmemError, KmemProbe
 from kvmmem.memory import HostMemory
-from kvmmem.vmm.kmem import KmemError, KmemProbe
+from kvmmem.units import format_size, mib
 from kvmmem.vmm.machine import Machine, MachineConfig
 from kvmmem.vmm.machine_memory import MachineMemory
-from kvmmem.vmm.units import format_size, mib
 
 GiB = 1 << 30
 GUEST_ELF = Path(__file__).resolve().parents[2] / "build" / "guest" / "guest.elf"
@@ -153,7 +155,7 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
              requested: Sequence[int] = (2 * GiB, 20 * GiB, 5 * GiB), reboot_last: bool = True,
              ram: int = 4 * GiB, maxmem: int = 1028 * GiB, driver: str = "guest",
              kernel: Path = GUEST_ELF, say: Say = print) -> None:
-    """Replay the seed in each mode and print what happened."""
+    """Replay the RFC's example in each mode and print what happened."""
     with ExitStack() as stack, Kvm() as kvm:
         meter = _Meter(stack)
         if meter.probe is None:
@@ -162,11 +164,12 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
         say(f"baseline, memslots=single: the {format_size(size)} device alone, one memslot, "
             f"costs {_fmt(single)} of KVM metadata (created in {seconds:.2f} s)")
         for mode in modes:
-            props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=mode)
+            props = VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"), memslots=MemslotMode(mode))
             before = meter.read()
+            session: GuestDriver | HostSideDriver
             if driver == "guest":
-                session: GuestDriver | HostSideDriver = GuestDriver(kvm, props, ram, maxmem, kernel)
-                memory = session.machine.memory
+                guest = GuestDriver(kvm, props, ram, maxmem, kernel)
+                session, memory = guest, guest.machine.memory
                 who = "the test guest under KVM"
             else:
                 session = HostSideDriver(kvm, props, ram, maxmem)
@@ -204,7 +207,7 @@ def _single_cost(kvm: Kvm, meter: _Meter, size: int, ram: int,
     with kvm.create_vm() as vm:
         memory = MachineMemory(vm, ram, maxmem=maxmem, slots=13)
         dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(size, "mem0"),
-                                       memslots="single"))
+                                       memslots=MemslotMode.SINGLE))
         before = meter.read()
         t0 = time.perf_counter()
         memory.plug(dev)

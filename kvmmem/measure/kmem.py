@@ -22,7 +22,7 @@ Two backends:
   root cgroup or one without processes of its own; otherwise the backend is
   reported unusable with that reason.
 
-Measurement cgroups (:mod:`kvmmem.vmm.cgroups`) are made inside the caller's
+Measurement cgroups (:mod:`kvmmem.measure.cgroups`) are made inside the caller's
 own cgroup (so limits and accounting of the caller's ancestors still apply),
 or inside the directory named by ``parent=`` or the ``KVMMEM_KMEM_PARENT``
 environment variable. Only the measured process is moved; the cgroup is
@@ -40,14 +40,27 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
-from kvmmem.vmm.cgroups import (CGROUP1, CGROUP2, PARENT_ENV, KmemBackend, KmemError,
-                                KmemUnavailable, MemCgroup, Mount, detect, parse_flat_keyed,
-                                parse_mountinfo, parse_proc_cgroup, v2_kernel_bytes,
-                                vmalloc_used)
+from kvmmem.measure.cgroups import (
+    CGROUP1,
+    CGROUP2,
+    PARENT_ENV,
+    KmemBackend,
+    KmemError,
+    KmemUnavailable,
+    MemCgroup,
+    Mount,
+    detect,
+    parse_flat_keyed,
+    parse_mountinfo,
+    parse_proc_cgroup,
+    v2_kernel_bytes,
+    vmalloc_used,
+)
 
 __all__ = ["CGROUP1", "CGROUP2", "PARENT_ENV", "KmemBackend", "KmemError", "KmemProbe",
            "KmemUnavailable", "Measurement", "MeasuredWorkError", "MemCgroup", "Mount", "detect",
@@ -130,7 +143,8 @@ def _decode(blob: bytes, status: int) -> Measurement:
         raise KmemError(f"measuring child ended without a report ({_describe_status(status)})")
     payload = pickle.loads(blob)
     if payload[0] == "ok":
-        return payload[1]
+        result: Measurement = payload[1]
+        return result
     if payload[0] == "unavailable":
         raise KmemUnavailable(payload[1])
     raise MeasuredWorkError(*payload[1:])
@@ -231,7 +245,7 @@ class KmemProbe:
     def path(self) -> Path:
         return self._live().path
 
-    def __enter__(self) -> "KmemProbe":
+    def __enter__(self) -> KmemProbe:
         backend = self._backend or detect()
         try:
             origin = backend.cgroup_dir_of(self.pid)
