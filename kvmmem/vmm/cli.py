@@ -294,8 +294,10 @@ def main(argv: Sequence[str]) -> int:
     """Parse, build the machine, run it; the guest's exit status is ours
     (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
     args = parse_args(argv)
-    logs = StderrLog()          # log calls never wait on stderr (the vCPU may hold Machine.lock)
     signals = HostSignals()
+    # log calls never wait on stderr (the vCPU may hold Machine.lock); created after
+    # the host signals are blocked, so that its thread does not take them either
+    logs = StderrLog()
     try:
         return _build_and_run(args, signals)
     finally:
