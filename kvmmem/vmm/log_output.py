@@ -19,7 +19,7 @@ import threading
 
 from kvmmem.vmm.chardev import fd_writer
 
-__all__ = ["StderrLog", "DEFAULT_CAPACITY", "CLOSE_TIMEOUT"]
+__all__ = ["CLOSE_TIMEOUT", "DEFAULT_CAPACITY", "StderrLog"]
 
 DEFAULT_CAPACITY = 1024
 """Log lines held for a stderr that has not taken them yet."""
