@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kvmmem.devices.exact_cover import ExactCover, reference_cover
+from kvmmem.devices.plug_bitmap import PlugBitmap
 from linux_guest import (
     CMDLINE,
     KERNEL,
@@ -120,12 +122,23 @@ class Session:
         """``single``: the whole region. ``usable``: the memslots that
         intersect the usable region. ``dynamic``: those that hold a plugged
         block; Linux's driver plugs memory blocks from the start of the
-        region and unplugs from the end, so they cover [start, start + size)."""
+        region and unplugs from the end, so they cover [start, start + size).
+        ``exact``: the exact cover (``exact_cover.reference_cover``, nothing
+        coarse) of that plugged prefix, in the chunk sizes the device's own
+        :class:`ExactCover` allows."""
         mode = self.guest.prop(dev_id, "memslots")
         addr, region = info["memaddr"], info["max-size"]
         if mode == "single":
             return {(addr, region)}
         slot = self.guest.prop(dev_id, "memslot-size")
+        if mode == "exact":
+            block = info["block-size"]
+            bits = PlugBitmap(region // block)
+            bits.set(0, info["size"] // block, True)
+            cells = -(-region // slot)
+            levels = ExactCover(bits.nb_blocks, block, slot // block, cells).levels
+            return {(addr + first * block, n * block)
+                    for first, n in reference_cover(bits, bits.nb_blocks, levels, slot // block)}
         covered = info["size"] if mode == "dynamic" else self.guest.prop(dev_id, "usable-region-size")
         return {(addr + i * slot, min(slot, region - i * slot)) for i in range(-(-covered // slot))}
 
@@ -150,9 +163,10 @@ def test_driver_discovers_device_then_follows_dynamic_block_memslots(kernel: Pat
         _sequence(session, "vmem0")
 
 
-@pytest.mark.parametrize("mode", ["usable", "single"])
-def test_driver_resizes_device_with_memslots(kernel: Path, mode: str) -> None:
-    with LinuxGuest([Device("vmem0", DEVICE_SIZE, memslots=mode, protect="slot")]) as guest:
+@pytest.mark.parametrize(("mode", "protect"),
+                         [("usable", "slot"), ("single", "slot"), ("exact", "block")])
+def test_driver_resizes_device_with_memslots(kernel: Path, mode: str, protect: str) -> None:
+    with LinuxGuest([Device("vmem0", DEVICE_SIZE, memslots=mode, protect=protect)]) as guest:
         session = Session.boot_guest(guest)
         _sequence(session, "vmem0")
 
