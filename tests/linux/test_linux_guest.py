@@ -134,7 +134,8 @@ class Session:
         if mode == "exact":
             block = info["block-size"]
             bits = PlugBitmap(region // block)
-            bits.set(0, info["size"] // block, True)
+            if info["size"]:
+                bits.set(0, info["size"] // block, True)
             cells = -(-region // slot)
             levels = ExactCover(bits.nb_blocks, block, slot // block, cells).levels
             return {(addr + first * block, n * block)
