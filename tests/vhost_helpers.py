@@ -29,7 +29,8 @@ SECTOR = 512
 def need_qsd() -> str:
     """The daemon's path, or skip (under CI the conftest hook turns this into a failure)."""
     if QSD is None:
-        pytest.skip("qemu-storage-daemon is not installed (Debian package qemu-utils)")
+        pytest.skip("qemu-storage-daemon is not installed (Debian 12 package qemu-system-common, "
+                    "with qemu-utils)")
     return QSD
 
 
