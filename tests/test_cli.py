@@ -267,6 +267,27 @@ def test_a_kernel_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Pa
                                                "not a regular file"]
 
 
+@pytest.mark.parametrize("size", [64 * MiB + 1, 1 << 40], ids=["ram+1", "1T-sparse"])
+def test_a_kernel_larger_than_guest_ram_is_refused_before_it_is_read(tmp_path: Path,
+                                                                     size: int) -> None:
+    """A regular file was read whole, however large (a 1 TiB sparse file: a
+    MemoryError traceback, or the host's memory). A kernel that guest RAM
+    could not hold is one line naming -kernel, status 2, and is never read
+    (the address-space limit makes a regression fail, not take the host's memory)."""
+    kernel = tmp_path / "vmlinux"
+    with open(kernel, "wb") as f:
+        f.write(GUEST.read_bytes())
+        f.truncate(size)
+    limit = 4 << 30
+    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", str(kernel)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        (f"kvmmem run: -kernel: cannot load kernel {str(kernel)!r}: it has {size} bytes, more "
+         f"than the {64 * MiB} bytes of guest RAM could hold")]
+
+
 def test_an_append_that_is_not_utf8_reaches_the_guest_byte_for_byte() -> None:
     """argv is bytes; -append "\\xff" was refused with a Python codec error."""
     out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "64M", "-kernel", str(GUEST),

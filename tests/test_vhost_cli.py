@@ -74,16 +74,26 @@ def test_bad_vhost_options_are_refused(argv, option: str, why: str) -> None:  # 
 
 @pytest.mark.kvm
 @pytest.mark.vhost
-def test_private_boot_ram_is_refused_in_one_line(tmp_path: Path, guest_elf: Path) -> None:
+@pytest.mark.parametrize("memory,what", [
+    ([], "guest RAM 'pc.ram' is not shared memory"),
+    (["-object", "memory-backend-memfd,id=ram,size=512M", "-machine", "memory-backend=ram",
+      "-object", "memory-backend-ram,id=mem0,size=1G", "-device", "virtio-mem,id=vmem0,memdev=mem0"],
+     "memory device 'vmem0' memdev 'mem0' is not shared memory"),
+])
+def test_memory_that_is_not_shared_is_a_bad_option(tmp_path: Path, guest_elf: Path,
+                                                   memory: list[str], what: str) -> None:
+    """A vhost-user-blk device next to private memory is a bad -device: one line
+    naming it, status 2, like every other option kvmmem run refuses."""
     backend = start_backend(tmp_path)
     try:
-        out = run("-m", "512M", "-chardev", f"socket,id=c0,path={backend.socket}",
+        out = run("-m", "512M,maxmem=2G", *memory, "-chardev", f"socket,id=c0,path={backend.socket}",
                   "-device", "vhost-user-blk,chardev=c0,id=disk0", "-kernel", str(guest_elf))
     finally:
         backend.kill()
-    assert out.returncode == 1
+    assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "guest RAM 'pc.ram' is not shared memory" in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("kvmmem run: -device: vhost-user-blk 'disk0': ")
+    assert what in lines[0], out.stderr
 
 
 @pytest.mark.kvm

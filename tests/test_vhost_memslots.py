@@ -255,3 +255,47 @@ def test_rem_mem_reg_really_frees_the_backends_slot(vm, backend) -> None:  # typ
     assert b.frontend.connected
     vhost.close()
     mem.close()
+
+
+def test_a_disconnected_backend_no_longer_limits_the_memslot_decision(guest_elf, backend) -> None:  # type: ignore[no-untyped-def]
+    """QEMU's vhost_user_blk_disconnect() ends in vhost_dev_cleanup(), which takes
+    the device off the list vhost_get_free_memslots() looks at and unregisters
+    its memory listener: a back-end that is gone no longer counts. A 1 TiB
+    device plugged after the disconnect gets KVM's 1024 memslots of 1 GiB, not
+    what the back-end's slots allowed, QMP lists KVM alone, and the device maps
+    more memslots than the back-end had."""
+    import time
+
+    from kvmmem.vmm.machine import Machine, MachineConfig
+    from kvmmem.vmm.qmp_commands import MachineMonitor
+
+    m = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest_elf), maxmem=512 * MiB + 1024 * GiB,
+                              ram_backend=HostMemory(512 * MiB, "ram", shared=True),
+                              vhost_devices=[VhostUserBlkProps("disk0", "c0", backend.socket)]))
+    try:
+        b = m.vhost.devices["disk0"]
+        limit = b.listener.limit
+        monitor = MachineMonitor(m, lambda event: None)
+        assert [c["consumer"] for c in monitor.execute("x-query-memslot-consumers", {})] == \
+            ["kvm", "vhost-user-blk:disk0"]
+        backend.kill()
+        deadline = time.monotonic() + 20
+        while b.frontend.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not b.frontend.connected
+        assert m.memory.budget.consumers == ("kvm",)
+        [kvm] = monitor.execute("x-query-memslot-consumers", {})
+        assert kvm["consumer"] == "kvm" and kvm["reserved"] == 0
+        dev = device(1024 * GiB, "dynamic", requested=1024 * GiB)
+        with m.lock:
+            m.memory.plug(dev)
+        assert (dev.memslot_size, -(-dev.region_size // dev.memslot_size)) == (GiB, 1024)
+        assert monitor.execute("x-query-memslot-consumers", {})[0]["reserved"] == 1024
+        if limit <= 64:                 # 1 GiB memslots cost KVM about 2.5 MiB each
+            per_slot = dev.memslot_size // BLOCK
+            with m.lock:
+                for slot in range(limit + 1):
+                    assert send(dev, RequestType.PLUG, slot * per_slot) == "ACK"
+            assert len(dev.mapped_memslots) == limit + 1
+    finally:
+        m.close()

@@ -89,7 +89,8 @@ class MemslotBudget:
         """Free slots right now: the minimum over all consumers."""
         if not self._consumers:
             raise MemslotBudgetError("no memslot consumer is registered: the free memslots are unknown")
-        return min(self._read(name, fn) for name, fn in self._consumers.items())
+        # a copy: a vhost back-end that disconnects is removed from another thread
+        return min(self._read(name, fn) for name, fn in tuple(self._consumers.items()))
 
     @property
     def outstanding(self) -> int:

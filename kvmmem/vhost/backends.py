@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kvmmem.devices.memory_device import MemslotBudgetError
 from kvmmem.devices.memslot_budget import MemslotBudget
 from kvmmem.memory import AddressSpace, HostMemory
 from kvmmem.memory.guest_memory import GuestMemory
@@ -30,16 +31,21 @@ from kvmmem.vhost.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm
 
-__all__ = ["MachineMemoryView", "MemoryDeviceView", "VhostBackend", "VhostBackends",
-           "require_shared"]
+__all__ = ["MachineMemoryView", "MemoryDeviceView", "UnsharedMemoryError", "VhostBackend",
+           "VhostBackends", "require_shared"]
 
 log = logging.getLogger(__name__)
+
+
+class UnsharedMemoryError(VhostUserError):
+    """Guest memory a vhost-user back-end cannot map: the machine's
+    configuration is at fault (``kvmmem run`` names the -device), not the host."""
 
 
 def require_shared(host: HostMemory, what: str, device: str) -> None:
     """Refuse memory a vhost-user back-end could not map (no memfd behind it)."""
     if host.fd < 0:
-        raise VhostUserError(
+        raise UnsharedMemoryError(
             f"vhost-user-blk '{device}': {what} '{host.name}' is not shared memory, so the "
             f"vhost-user back-end cannot map it; use memory-backend-memfd or "
             f"memory-backend-ram,share=on (boot RAM: -object memory-backend-memfd,id=ID,"
@@ -130,14 +136,28 @@ class VhostBackends:
             frontend.close()
             raise
         self.devices[props.id] = backend
+        frontend.on_disconnect.append(lambda reason: self._drop_consumer(backend))
+        if not frontend.connected:         # gone before the callback was there
+            self._drop_consumer(backend)
         return backend
+
+    def _drop_consumer(self, backend: VhostBackend) -> None:
+        """A back-end that disconnected no longer limits the free memslots: QEMU's
+        vhost_user_blk_disconnect() ends in vhost_dev_cleanup(), which takes the
+        device off the list vhost_get_free_memslots() looks at (its listener is
+        inert from then on, see VhostMemoryListener). Called from the watcher
+        thread or a failing request; the budget reads its consumers from a copy."""
+        try:
+            self.memory.budget.remove_consumer(backend.consumer)
+        except MemslotBudgetError:
+            pass                           # already dropped (the device was removed)
 
     def check_memory_device(self, memdev: HostMemory | None, device: str) -> None:
         """A memory device plugged next to vhost-user devices must be shared too."""
         if memdev is None:
             if self.devices:
-                raise VhostUserError(f"memory device '{device}' has no memdev, so its memory is "
-                                     f"not shared; vhost-user devices need memory-backend-memfd")
+                raise UnsharedMemoryError(f"memory device '{device}' has no memdev, so its memory is "
+                                          f"not shared; vhost-user devices need memory-backend-memfd")
             return
         for backend in self.devices.values():
             require_shared(memdev, f"memory device '{device}' memdev", backend.props.id)
@@ -155,7 +175,7 @@ class VhostBackends:
         backend = self.devices.pop(dev_id)
         if backend.transport is not None:
             backend.transport.close()
-        self.memory.budget.remove_consumer(backend.consumer)
+        self._drop_consumer(backend)
         self.memory.address_space.remove_listener(backend.listener)
         backend.frontend.close()
 
@@ -165,13 +185,17 @@ class VhostBackends:
 
     def consumers(self) -> list[dict[str, Any]]:
         """QMP ``x-query-memslot-consumers``: each memslot consumer's limit and use
-        (KVM first, then every back-end) and what memory devices keep reserved."""
+        (KVM first, then every connected back-end: one that disconnected is no
+        consumer any more) and what memory devices keep reserved."""
         vm, budget = self.vm, self.memory.budget
         reserved = budget.outstanding
         result: list[dict[str, Any]] = [{"consumer": "kvm", "limit": vm.max_memslots,
                                          "used": vm.used_memslots, "free": vm.free_memslots,
                                          "reserved": reserved}]
+        counted = set(budget.consumers)
         for backend in self.devices.values():
+            if backend.consumer not in counted:
+                continue
             listener = backend.listener
             entry: dict[str, Any] = {"consumer": backend.consumer, "limit": listener.limit,
                                      "used": listener.used, "free": listener.free(),

@@ -14,8 +14,9 @@ unmergeable memory sections").
 Only shared memory can be handed over: a RAM range whose host memory has no
 memfd is refused with :class:`VhostUserError` (the commit then rolls back),
 as is a range beyond the back-end's slot limit. A back-end that has gone
-away refuses nothing: the ranges are still tracked, so the slot accounting
-stays right, but nothing is sent and the VM keeps its memory.
+away is no memslot consumer any more (QEMU's vhost_dev_cleanup() unregisters
+its listener): from the disconnection on the listener sends, refuses and
+tracks nothing, and the VM's memory goes on without it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class VhostMemoryListener(MemoryListener):
         self.incremental = frontend.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)
         self._regions: dict[int, tuple[FlatRange, MirroredRegion]] = {}
         self._table_changed = False
+        frontend.on_disconnect.append(self._backend_gone)
+
+    def _backend_gone(self, reason: str) -> None:
+        """The back-end maps nothing any more (from its watcher thread, or a failing request)."""
+        self._regions.clear()
 
     @property
     def used(self) -> int:
@@ -75,7 +81,7 @@ class VhostMemoryListener(MemoryListener):
         self._table_changed = False
 
     def region_add(self, fr: FlatRange) -> None:
-        if fr.region.kind is not RegionKind.RAM:
+        if fr.region.kind is not RegionKind.RAM or not self.frontend.connected:
             return
         mirrored = _describe(fr, self.frontend.name)
         if mirrored is None:
@@ -88,7 +94,8 @@ class VhostMemoryListener(MemoryListener):
             self._send(Request.ADD_MEM_REG, mirrored.desc.pack_single(), [mirrored.fd])
         else:
             self._table_changed = True
-        self._regions[fr.start] = (fr, mirrored)
+        if self.frontend.connected:        # not if the request found the back-end gone
+            self._regions[fr.start] = (fr, mirrored)
 
     def region_del(self, fr: FlatRange) -> None:
         entry = self._regions.get(fr.start)
@@ -103,7 +110,7 @@ class VhostMemoryListener(MemoryListener):
             self._send(Request.REM_MEM_REG, entry[1].desc.pack_single(), [])
         else:
             self._table_changed = True
-        del self._regions[fr.start]
+        self._regions.pop(fr.start, None)     # (cleared meanwhile if the back-end went)
 
     def commit(self) -> None:
         if self._table_changed:

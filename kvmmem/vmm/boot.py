@@ -156,30 +156,47 @@ class BootPlan:
 
 # -- ELF ----------------------------------------------------------------------
 
-def _read_image(image: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
+def _read_image(image: bytes | bytearray | memoryview | str | os.PathLike[str],
+                max_size: int | None = None) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
         # O_NONBLOCK: a FIFO must not block open(); only a regular file has an
         # end to read to (/dev/zero has none)
+        name = os.fspath(image)
         try:
             fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise BootError(f"cannot read kernel {os.fspath(image)!r}: {exc.strerror}") from None
+            raise BootError(f"cannot read kernel {name!r}: {exc.strerror}") from None
         with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BootError(f"cannot read kernel {os.fspath(image)!r}: not a regular file")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BootError(f"cannot read kernel {name!r}: not a regular file")
+            # Refused before it is read: an image guest RAM could not hold would
+            # only cost the host its memory (QEMU's load_image_targphys() refuses
+            # an image larger than the room it is given the same way).
+            if max_size is not None and st.st_size > max_size:
+                raise BootError(_too_large(name, st.st_size, max_size))
             try:
-                return f.read()
+                data = f.read() if max_size is None else f.read(max_size + 1)
             except OSError as exc:
-                raise BootError(f"cannot read kernel {os.fspath(image)!r}: "
-                                f"{exc.strerror}") from None
+                raise BootError(f"cannot read kernel {name!r}: {exc.strerror}") from None
+            if max_size is not None and len(data) > max_size:     # it grew since fstat
+                raise BootError(_too_large(name, len(data), max_size))
+            return data
     raise TypeError(f"a kernel is bytes or a path, not {type(image).__name__}")
 
 
-def parse_elf64(image: bytes | bytearray | memoryview | str | os.PathLike[str]) -> ElfImage:
-    """Parse and check an ELF64 x86-64 executable (a path or its bytes)."""
-    data = _read_image(image)
+def _too_large(name: str, size: int, max_size: int) -> str:
+    return (f"cannot load kernel {name!r}: it has {size} bytes, more than the {max_size} "
+            "bytes of guest RAM could hold")
+
+
+def parse_elf64(image: bytes | bytearray | memoryview | str | os.PathLike[str],
+                max_size: int | None = None) -> ElfImage:
+    """Parse and check an ELF64 x86-64 executable (a path or its bytes); a
+    file larger than ``max_size`` bytes (the guest RAM) is refused unread."""
+    data = _read_image(image, max_size)
     if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
         raise BootError("the kernel is not an ELF file (no \\x7fELF magic)")
     (ident, e_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize,

@@ -22,6 +22,7 @@ from kvmmem.memory import HostMemory
 from kvmmem.units import MiB, SizeError, parse_size
 from kvmmem.vmm.chardev import BufferedOutput, fd_writer
 from kvmmem.vmm.host_signals import HostSignals
+from kvmmem.vmm.log_output import StderrLog
 
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-device")
 VHOST_DRIVERS = ("vhost-user-blk", "vhost-user-blk-device")
@@ -294,10 +295,14 @@ def main(argv: Sequence[str]) -> int:
     (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
     args = parse_args(argv)
     signals = HostSignals()
+    # log calls never wait on stderr (the vCPU may hold Machine.lock); created after
+    # the host signals are blocked, so that its thread does not take them either
+    logs = StderrLog()
     try:
         return _build_and_run(args, signals)
     finally:
         signals.close()
+        logs.close()
 
 
 def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
@@ -306,7 +311,7 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
 
     try:
         config = parse_machine(args, _serial_sink(args.serial))
-        qmp_path = _qmp_path(args.qmp) if args.qmp else None
+        qmp_path, qmp_wait = qmp_option(args.qmp) if args.qmp else (None, False)
         try:
             machine = Machine(config)
         except Exception as exc:
@@ -333,6 +338,13 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
                 print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
                 return 2
         signals.attach(machine, server)
+        if server is not None and qmp_wait:
+            # QEMU's tcp_chr_wait_connected(): nothing runs until a client is
+            # there; a host signal meanwhile stops the machine, which then
+            # returns at once.
+            print(f"kvmmem run: -qmp: waiting for connection on: unix:{qmp_path},server=on",
+                  file=sys.stderr, flush=True)
+            server.wait_for_client(lambda: machine.stop_requested)
         return machine.run()
     finally:
         if server is not None:
@@ -347,22 +359,27 @@ def _option_of(exc: Exception) -> str | None:
     problem (KVM missing, say). The machine is built from the options that
     parse_machine checked, so what is left are the rules of the parts: the
     boot layout (-kernel, or -append for the command line), the RAM mapping
-    (-m), and a device that does not fit or cannot be realized (-device)."""
+    (-m), and a device that does not fit or cannot be realized (-device,
+    a vhost-user device next to memory its back-end cannot map included)."""
     from kvmmem.devices.memory_device import MemoryDeviceError
     from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
     from kvmmem.memory.host import HostMemoryError
+    from kvmmem.vhost.backends import UnsharedMemoryError
     from kvmmem.vmm.boot import BootError
 
     if isinstance(exc, BootError):
         return "-append" if "command line" in str(exc) else "-kernel"
     if isinstance(exc, HostMemoryError):
         return "-m" if "'pc.ram'" in str(exc) else "-device"
-    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError)):
+    if isinstance(exc, (MemoryDeviceError, VirtioMemPropertyError, UnsharedMemoryError)):
         return "-device"
     return None
 
 
-def _qmp_path(spec: str) -> str:
+def qmp_option(spec: str) -> tuple[str, bool]:
+    """``-qmp unix:PATH[,server=on][,wait=on|off]``: the socket path, and whether
+    the VM waits for the first client before it starts (QEMU's ``wait``, on by
+    default for a server socket)."""
     opts = parse_keyval("-qmp", spec, "path")
     if "path" not in opts:
         raise OptionError("-qmp", "no socket given: the first item must be unix:PATH")
@@ -375,4 +392,4 @@ def _qmp_path(spec: str) -> str:
         _bool("-qmp", key, value)
     if not _bool("-qmp", "server", opts.get("server", "on")):
         raise OptionError("-qmp", "kvmmem only listens (server=on)")
-    return path[5:]
+    return path[5:], _bool("-qmp", "wait", opts.get("wait", "on"))

@@ -87,7 +87,7 @@ class Machine:
         # The only read of the kernel file: the parsed image stays in memory
         # and every reset loads it from there, as QEMU's rom blobs are copied
         # back to guest memory on reset (hw/core/loader.c, rom_reset).
-        self.kernel_image = boot.parse_elf64(config.kernel)
+        self.kernel_image = boot.parse_elf64(config.kernel, max_size=config.ram_size)
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.vm.set_tss_addr(TSS_ADDR)
@@ -214,6 +214,11 @@ class Machine:
     @property
     def paused(self) -> bool:
         return not self._running.is_set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`shutdown` was called (:meth:`run` then returns at once)."""
+        return self._stop_status is not None
 
     def shutdown(self, status: int = 0) -> None:
         """Make :meth:`run` return ``status``; safe from any thread (QMP ``quit``)."""

@@ -1,4 +1,4 @@
-"""A QMP server on a UNIX socket (``-qmp unix:PATH,server=on,wait=off``).
+"""A QMP server on a UNIX socket (``-qmp unix:PATH,server=on[,wait=off]``).
 
 The wire protocol is QEMU's (docs/interop/qmp-spec.rst): a greeting, then
 capabilities negotiation, then commands and asynchronous events as JSON
@@ -21,6 +21,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ class QmpServer:
         self._wake_r = self._wake_w = -1
         self._stopping = threading.Event()
         self._dropped = 0
+        self._first_client = threading.Event()
 
     # -- life cycle --------------------------------------------------------
 
@@ -109,6 +111,14 @@ class QmpServer:
         self.monitor.attach()
         self._thread = threading.Thread(target=self._serve, name=f"qmp:{self.path}", daemon=True)
         self._thread.start()
+
+    def wait_for_client(self, give_up: Callable[[], bool]) -> bool:
+        """Block until a client has connected and been greeted (``wait=on``:
+        QEMU's tcp_chr_wait_connected()); False if ``give_up()`` became true first."""
+        while not self._first_client.wait(POLL_INTERVAL):
+            if give_up():
+                return False
+        return True
 
     def notify_shutdown(self, guest: bool = True, reason: str = "guest-shutdown") -> None:
         """Tell clients the machine stopped (SHUTDOWN); once per machine."""
@@ -271,6 +281,7 @@ class QmpServer:
         sel.register(sock, selectors.EVENT_READ, session)
         greeting = {"QMP": {"version": version_info(), "capabilities": []}}
         self._send(sel, session, encode_message(greeting))
+        self._first_client.set()
 
     def _receive(self, sel: selectors.BaseSelector, session: _Session) -> None:
         try:
