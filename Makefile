@@ -56,7 +56,8 @@ bench: $(EXT) $(BENCH_STAMP)
 	$(PY) scripts/bench_ioctl.py
 	$(PY) scripts/bench_memory.py
 	$(PY) scripts/bench_request_python.py
-	$(PY) scripts/bench_slots.py --device-size 1T --plugged 0,1,16,64 --qemu --json bench-results/slots-1t.json
+	$(PY) scripts/bench_slots.py --device-size 1T --plugged 0,1,16,64 --qemu --patterns \
+		--json bench-results/slots-1t.json
 	$(PY) scripts/bench_slots.py --device-size 64T --modes single,dynamic --plugged 0,1,16,64 \
 		--no-overhead --json bench-results/slots-64t.json
 	$(PY) scripts/plot_slots.py bench-results/slots-1t.json -o docs/slots-1t.png

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="replay the QEMU RFC's example: a 500G virtio-mem device resized "
                           "2G, 20G, 5G + reboot, in usable and dynamic memslot modes")
     demo.add_argument("--mode", default="usable,dynamic",
-                      help="memslot modes to run, comma-separated (single, usable, dynamic)")
+                      help="memslot modes to run, comma-separated (single, usable, dynamic, exact)")
     demo.add_argument("--size", type=_size, default=parse_size("500G"), help="device size")
     demo.add_argument("--requested", type=_sizes, default=_sizes("2G,20G,5G"),
                       help="requested sizes in order, comma-separated")

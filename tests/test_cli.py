@@ -44,6 +44,14 @@ def test_options_build_the_machine_config() -> None:
     props.memdev.close()
 
 
+@pytest.mark.parametrize("mode", ["single", "usable", "dynamic", "exact"])
+def test_every_memslot_mode_is_an_option(mode: str) -> None:
+    cfg = config("-m", "1G,maxmem=9G", "-object", "memory-backend-ram,id=m,size=8G",
+                 "-device", f"virtio-mem,id=v,memdev=m,memslots={mode}")
+    assert cfg.memory_devices[0].memslots.value == mode
+    cfg.memory_devices[0].memdev.close()  # type: ignore[union-attr]
+
+
 def test_bare_sizes_count_as_qemu_counts_them() -> None:
     # QEMU: -m 512 is 512 MiB, maxmem and property sizes are bytes
     assert config("-m", "0.5").ram_size == 512 << 10

@@ -10,6 +10,7 @@ from vmem_helpers import memslots_to_map
 
 from kvmmem.devices.memslot_policy import (
     DynamicPolicy,
+    ExactPolicy,
     MemslotChange,
     MemslotMode,
     MemslotPolicy,
@@ -44,10 +45,10 @@ def settle(p: MemslotPolicy, change: MemslotChange) -> MemslotChange:
 
 
 def test_modes_have_the_property_names() -> None:
-    assert [m.value for m in MemslotMode] == ["single", "usable", "dynamic"]
+    assert [m.value for m in MemslotMode] == ["single", "usable", "dynamic", "exact"]
     assert MemslotMode("dynamic") is MemslotMode.DYNAMIC
     assert {type(policy(m.value, 4 * GiB)) for m in MemslotMode} == {SinglePolicy, UsablePolicy,
-                                                                     DynamicPolicy}
+                                                                     DynamicPolicy, ExactPolicy}
     with pytest.raises(ValueError, match="'sparse' is not a valid MemslotMode"):
         policy("sparse", 4 * GiB)
 

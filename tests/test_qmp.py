@@ -121,7 +121,8 @@ class GuestVm:
     guest's UART lines arrive in ``lines``."""
 
     def __init__(self, guest: Path, sock: Path, cmdline: str = "",
-                 requested: int = 256 * MiB) -> None:
+                 requested: int = 256 * MiB, memslots: str = "dynamic",
+                 device_size: int = 4 * GiB) -> None:
         from kvmmem.devices.virtio_mem import VirtioMemProps
         from kvmmem.memory import HostMemory
         from kvmmem.vmm.machine import Machine, MachineConfig
@@ -129,10 +130,11 @@ class GuestVm:
 
         self.lines: queue.Queue[str] = queue.Queue()
         self._partial = b""
-        device = VirtioMemProps(id="vmem0", memdev=HostMemory(4 * GiB, "mem0"),
-                                requested_size=requested, memslots="dynamic")
+        device = VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
+                                requested_size=requested, memslots=memslots)
         self.machine = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest),
-                                             maxmem=512 * MiB + 8 * GiB, cmdline=cmdline,
+                                             maxmem=512 * MiB + device_size + 4 * GiB,
+                                             cmdline=cmdline,
                                              memory_devices=[device], serial=self._serial))
         self.dev = self.machine.devices["vmem0"]
         self.sock = sock
@@ -268,6 +270,46 @@ def test_qemu_qmp_resizes_a_running_guest_and_sees_matching_sizes(guest_elf, tmp
             await qmp.execute("quit")
             shutdown = await asyncio.wait_for(qmp.events.get(), TIMEOUT)
             assert shutdown["event"] == "SHUTDOWN" and shutdown["data"]["reason"] == "host-qmp-quit"
+            await qmp.disconnect()
+
+        asyncio.run(scenario())
+        vm.thread.join(TIMEOUT)
+        assert vm.status == [0]
+
+
+@pytest.mark.kvm
+def test_exact_memslots_over_qmp(guest_elf, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """memslots=exact: the property, x-query-memslots and info mtree show
+    memslots over exactly what the guest plugged, merged and split as it
+    grows and shrinks (a 64 GiB device: its budget of 64 memslots holds)."""
+    qmp_lib = importlib.import_module("qemu.qmp")
+    with GuestVm(guest_elf, tmp_path / "qmp.sock", requested=640 * MiB, memslots="exact",
+                 device_size=64 * GiB) as vm:
+
+        async def scenario() -> None:
+            qmp = qmp_lib.QMPClient("kvmmem-test")
+            await qmp.connect(str(vm.sock))
+            vm.thread.start()
+            assert await qmp.execute("qom-get", {"path": DEVICE, "property": "memslots"}) == "exact"
+            seen: list[dict[str, Any]] = []
+            for requested, sizes in ((640 * MiB, [128 * MiB] * 5), (GiB, [GiB]),
+                                     (1152 * MiB, [GiB, 128 * MiB]), (384 * MiB, [128 * MiB] * 3)):
+                if requested != 640 * MiB:
+                    await qmp.execute("qom-set", {"path": DEVICE, "property": "requested-size",
+                                                  "value": requested})
+                await _events_until(qmp, _reached(requested), seen)
+                assert vm.wait_reached() == requested
+                slots = [s for s in await qmp.execute("x-query-memslots") if s.get("device")]
+                assert [s["size"] for s in slots] == sizes
+                assert sum(sizes) == requested and slots[0]["start"] == vm.dev.addr
+                assert all(b["start"] == a["start"] + a["size"] for a, b in zip(slots, slots[1:]))
+                assert all(s["region"] == "mem0" and s["alias"].startswith("virtio-mem-memslot-")
+                           for s in slots)
+                assert await qmp.execute("qom-get", {"path": DEVICE,
+                                                     "property": "mapped-memslots"}) == len(sizes)
+                tree = await qmp.execute("human-monitor-command", {"command-line": "info mtree"})
+                assert tree.count(": alias virtio-mem-memslot-") == len(sizes)
+            await qmp.execute("quit")
             await qmp.disconnect()
 
         asyncio.run(scenario())

@@ -205,7 +205,7 @@ def test_memslot_budget_shapes_and_refuses_devices(kvm) -> None:  # type: ignore
         filler.close()
 
 
-@pytest.mark.parametrize("mode", ["single", "usable", "dynamic"])
+@pytest.mark.parametrize("mode", ["single", "usable", "dynamic", "exact"])
 def test_budget_counts_device_memslots_by_listening(vm, mode: str) -> None:  # type: ignore[no-untyped-def]
     """The budget's used count follows the memslots KVM holds for the device,
     through requests, requested-size, a KVM refusal and unplug, without the
@@ -218,18 +218,18 @@ def test_budget_counts_device_memslots_by_listening(vm, mode: str) -> None:  # t
         return machine.budget.reservations["vmem0"].used
 
     def check() -> None:
-        assert used() == len(kvm_ranges(vm, dev)) == len(dev.mapped_memslots)
+        assert used() == len(kvm_ranges(vm, dev)) == dev.nb_memslots
 
     check()
     assert request(dev, PLUG, 0, 2).type is ResponseType.ACK
     check()
     if mode != "single":
         blocker = HostMemory(2 * MiB, "blocker")
-        blocked = 1 if mode == "dynamic" else 5                 # a memslot not mapped yet
+        blocked = 1 if mode in ("dynamic", "exact") else 5      # a memslot not mapped yet
         vm.set_user_memory_region(4000, dev.addr + blocked * dev.memslot_size, 2 * MiB,
                                   blocker.address)
         before = used()
-        if mode == "dynamic":
+        if mode in ("dynamic", "exact"):
             assert request(dev, PLUG, bpm, 1).type is ResponseType.BUSY
         else:
             with pytest.raises(ValueError):

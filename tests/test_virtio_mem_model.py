@@ -2,6 +2,10 @@
 
 After every step: the answer, ``plugged_size``, the bitmap, the memslots KVM
 holds, and (with ``protect=block``) which blocks are guarded on the host.
+In ``exact`` mode the memslots must cover exactly the plugged blocks, each
+run cut into maximal aligned chunks of 128 MiB, 1 GiB or 8 GiB, except in
+the grid memslots the device mapped whole because its budget of 8 memslots
+would not hold the chunks.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Model:
         self.usable = self.target()
 
     def mapped(self) -> set[int]:
-        if self.mode == "dynamic":
+        if self.mode in ("dynamic", "exact"):
             return {b // PER_SLOT for b in self.plugged}
         if self.mode == "usable":
             return set(range(-(-self.usable // GiB)))
@@ -84,6 +88,10 @@ ops = st.one_of(
     st.tuples(st.just("resize"), st.one_of(st.integers(min_value=0, max_value=20),
                                            st.integers(min_value=0, max_value=NB))),
     st.tuples(st.just("fill"), st.integers(min_value=0, max_value=2)),
+    # every other block of a range, one request each: many small runs
+    st.tuples(st.just("scatter"), st.integers(min_value=0, max_value=NB - 1)),
+    # and the plugged blocks of a range unplugged one by one
+    st.tuples(st.just("unscatter"), st.integers(min_value=0, max_value=NB - 1)),
     st.tuples(st.just("reset")),
 )
 KINDS = {"plug": RequestType.PLUG, "unplug": RequestType.UNPLUG, "state": RequestType.STATE}
@@ -96,7 +104,8 @@ def kvm_handle():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("mode,protect", [("dynamic", "block"), ("dynamic", "slot"),
-                                          ("usable", "block"), ("single", "slot")])
+                                          ("usable", "block"), ("single", "slot"),
+                                          ("exact", "slot"), ("exact", "block")])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(ops, max_size=25))
 def test_device_matches_the_model(kvm_handle, mode: str, protect: str, steps) -> None:  # type: ignore[no-untyped-def]
@@ -112,6 +121,17 @@ def test_device_matches_the_model(kvm_handle, mode: str, protect: str, steps) ->
                 elif step[0] == "reset":
                     machine.system_reset()
                     model.reset()
+                elif step[0] == "scatter":
+                    if model.requested < NB // 2 * BLOCK:
+                        dev.set_requested_size(NB // 2 * BLOCK)
+                        model.resize(NB // 2 * BLOCK)
+                    for block in range(step[1], min(NB, step[1] + 32), 2):
+                        one_block(dev, model, RequestType.PLUG, block)
+                        check(vm, dev, model, protect)
+                elif step[0] == "unscatter":
+                    for block in sorted(b for b in model.plugged if step[1] <= b < step[1] + 32):
+                        one_block(dev, model, RequestType.UNPLUG, block)
+                        check(vm, dev, model, protect)
                 elif step[0] == "unplug_all":
                     got = Response.parse(dev.handle(0, Request(RequestType.UNPLUG_ALL).pack(), 10))
                     assert got == model.process(RequestType.UNPLUG_ALL, 0, 0)
@@ -129,6 +149,12 @@ def test_device_matches_the_model(kvm_handle, mode: str, protect: str, steps) ->
             machine.close()
 
 
+def one_block(dev, model: Model, kind: RequestType, block: int) -> None:  # type: ignore[no-untyped-def]
+    addr = dev.addr + block * BLOCK
+    got = Response.parse(dev.handle(0, Request(kind, addr, 1).pack(), 10))
+    assert got == model.process(kind, addr, 1), (kind, block)
+
+
 def check(vm, dev, model: Model, protect: str) -> None:  # type: ignore[no-untyped-def]
     assert dev.plugged_size == len(model.plugged) * BLOCK
     assert dev.usable_region_size == model.usable
@@ -136,9 +162,48 @@ def check(vm, dev, model: Model, protect: str) -> None:  # type: ignore[no-untyp
     mapped = model.mapped()
     if model.mode == "single":
         assert kvm_ranges(vm, dev) == {(dev.addr, REGION)}
+    elif model.mode == "exact":
+        mapped = check_exact(vm, dev, model.plugged)
     else:
         assert kvm_ranges(vm, dev) == expected_ranges(dev, mapped)
     if protect == "block" and model.mode != "single":
         guarded = {b for b in range(NB) if dev.memdev.is_protected(b * BLOCK, BLOCK)}
         assert guarded == {b for b in range(NB)
                            if b not in model.plugged and b // PER_SLOT in mapped}
+
+
+CHUNKS = (64, 8, 1)             # blocks: 8 GiB, 1 GiB, 128 MiB (powers of 8 bytes, at most 8 GiB)
+LIMIT = NB // PER_SLOT          # the reservation: one memslot per grid memslot, as dynamic
+
+
+def exact_chunks(plugged: set[int], coarse: frozenset[int]) -> list[tuple[int, int]]:
+    """Maximal aligned chunks of the plugged blocks outside ``coarse`` grid memslots."""
+    chunks, b = [], 0
+    while b < NB:
+        if b not in plugged or b // PER_SLOT in coarse:
+            b += 1
+            continue
+        size = next(c for c in CHUNKS if b % c == 0 and all(
+            x in plugged and x // PER_SLOT not in coarse for x in range(b, b + c)))
+        chunks.append((b, size))
+        b += size
+    return chunks
+
+
+def check_exact(vm, dev, plugged: set[int]) -> set[int]:  # type: ignore[no-untyped-def]
+    """Memslots over exactly the plugged blocks, but in coarse grid memslots; the coarse ones."""
+    coarse = dev.policy.cover.coarse_cells
+    expected = {(dev.addr + b * BLOCK, n * BLOCK) for b, n in exact_chunks(plugged, coarse)}
+    expected |= {(dev.addr + c * GiB, GiB) for c in coarse}
+    assert kvm_ranges(vm, dev) == expected
+    assert len(expected) <= LIMIT
+    covered = {(a - dev.addr) // BLOCK + i for a, size in expected for i in range(size // BLOCK)}
+    assert plugged <= covered
+    assert not covered - plugged - {b for b in range(NB) if b // PER_SLOT in coarse}
+    if coarse:                  # mapped whole only while the chunks would not fit the budget
+        assert all(any(b // PER_SLOT == c for b in plugged) for c in coarse)
+        need = len(exact_chunks(plugged, coarse)) + sum(
+            len(exact_chunks({b for b in plugged if b // PER_SLOT == c}, frozenset()))
+            for c in coarse)
+        assert need > LIMIT - LIMIT // 8
+    return set(coarse)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, memslots_to_map
+from vmem_helpers import GiB, MiB, exact_ranges, expected_ranges, kvm_ranges, memslots_to_map
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.memory import HostMemory
@@ -58,11 +58,14 @@ class Run:
                                  dev.usable_region_size, dev.bitmap)
         if dev.props.memslots.value == "single":
             assert kvm_ranges(vm, dev) == {(dev.addr, dev.region_size)}
+        elif dev.props.memslots.value == "exact":
+            assert kvm_ranges(vm, dev) == exact_ranges(dev)
         else:
             assert kvm_ranges(vm, dev) == expected_ranges(dev, wanted)
 
 
-MODES = [("single", "slot"), ("usable", "slot"), ("dynamic", "slot"), ("dynamic", "block")]
+MODES = [("single", "slot"), ("usable", "slot"), ("dynamic", "slot"), ("dynamic", "block"),
+         ("exact", "slot"), ("exact", "block")]
 
 
 @pytest.mark.parametrize("mode,protect", MODES)

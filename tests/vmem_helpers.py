@@ -107,3 +107,28 @@ def memslots_to_map(mode: str, memslot_size: int, region_size: int, usable_regio
     per_slot = memslot_size // (region_size // bitmap.nb_blocks)
     return frozenset(b // per_slot for first, n in bitmap.plugged_runs()
                      for b in range(first, first + n))
+
+
+def exact_ranges(dev: VirtioMem) -> set[tuple[int, int]]:
+    """(guest address, size) of the memslots ``memslots=exact`` must hold,
+    computed here from the mode's definition: each run of plugged blocks cut
+    into maximal aligned chunks whose size is the block size or a power of 8
+    bytes, at most 8 grid memslots, outside the grid memslots the device
+    mapped whole (its budget fallback); and those."""
+    bits, bs, grid = dev.bitmap, dev.block_size, dev.memslot_size
+    assert bits is not None and dev.policy is not None
+    coarse = dev.policy.cover.coarse_cells  # type: ignore[attr-defined]
+    sizes = sorted({bs} | {1 << e for e in range(bs.bit_length(), 64, 1)
+                           if e % 3 == 0 and (1 << e) <= 8 * grid and (1 << e) >= bs}, reverse=True)
+    ranges = {(dev.addr + c * grid, min(grid, dev.region_size - c * grid)) for c in coarse}
+    for first, n in bits.plugged_runs():
+        pos, end = first * bs, (first + n) * bs
+        while pos < end:
+            if pos // grid in coarse:
+                pos = (pos // grid + 1) * grid
+                continue
+            stop = min(end, next((c * grid for c in sorted(coarse) if c * grid > pos), end))
+            size = next(s for s in sizes if pos % s == 0 and pos + s <= stop)
+            ranges.add((dev.addr + pos, size))
+            pos += size
+    return ranges

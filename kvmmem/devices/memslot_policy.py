@@ -12,7 +12,11 @@ tells the policy it took effect (:meth:`MemslotPolicy.commit`). The modes:
   (QEMU's "virtio-mem: Expose device memory via multiple memslots");
 - ``dynamic``: the grid memslots holding a plugged block (QEMU 8.2's
   ``dynamic-memslots``: ``virtio_mem_activate_memslots_to_plug`` and
-  ``virtio_mem_deactivate_unplugged_memslots``).
+  ``virtio_mem_deactivate_unplugged_memslots``);
+- ``exact``: memslots over exactly the plugged blocks, few per run of
+  plugged blocks (:mod:`exact_cover`), whole grid memslots only where the
+  budget needs them. Merging and splitting replaces memslots over plugged
+  memory: see :meth:`MemslotPolicy.deletes_plugged`.
 
 Grid memslots are ``memslot_size`` bytes, the last one possibly shorter.
 The plug-side questions are asked after the bitmap changed.
@@ -20,13 +24,17 @@ The plug-side questions are asked after the bitmap changed.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+from kvmmem.devices.exact_cover import CoverPlan, ExactCover
 from kvmmem.devices.plug_bitmap import PlugBitmap
+
+log = logging.getLogger(__name__)
 
 
 class MemslotMode(StrEnum):
@@ -35,6 +43,7 @@ class MemslotMode(StrEnum):
     SINGLE = "single"
     USABLE = "usable"
     DYNAMIC = "dynamic"
+    EXACT = "exact"
 
 
 ALIAS_NAME = "virtio-mem-memslot-{}"
@@ -74,6 +83,8 @@ class MemslotPolicy(ABC):
     """
 
     mode: MemslotMode
+    name = "virtio-mem"
+    """The device's id, for log lines (set by :func:`make_policy`)."""
     maps_aliases = True
     """False: the RAM region itself is the mapping (``single``), no aliases."""
 
@@ -96,6 +107,10 @@ class MemslotPolicy(ABC):
     @property
     def mapped(self) -> frozenset[MemslotSpan]:
         return frozenset(self._mapped.values())
+
+    @property
+    def nb_mapped(self) -> int:
+        return len(self._mapped)
 
     def is_mapped(self, span: MemslotSpan) -> bool:
         mapped = self._mapped.get(span.offset)
@@ -247,12 +262,107 @@ class DynamicPolicy(MemslotPolicy):
         return self._towards(wanted)
 
 
+class ExactPolicy(MemslotPolicy):
+    """Memslots over exactly the plugged blocks: the maximal chunks of
+    :class:`~kvmmem.devices.exact_cover.ExactCover`, within the reservation
+    ``dynamic`` gets (one memslot per grid memslot), falling back to whole
+    grid memslots where the chunks would need more."""
+
+    mode = MemslotMode.EXACT
+
+    def __init__(self, region_size: int, memslot_size: int, block_size: int,
+                 bitmap: PlugBitmap) -> None:
+        super().__init__(region_size, memslot_size, block_size, bitmap)
+        self.cover = ExactCover(bitmap.nb_blocks, block_size, memslot_size // block_size,
+                                self.nb_grid)
+        self._pending: tuple[MemslotChange, CoverPlan] | None = None
+
+    def plug(self, first: int, n: int) -> MemslotChange:
+        return self._propose(self.cover.plan_plug(self._bitmap, first, n))
+
+    def unplug(self, first: int, n: int) -> MemslotChange:
+        return self._propose(self.cover.plan_unplug(self._bitmap, first, n))
+
+    def resync(self, usable_region_size: int) -> MemslotChange:
+        # The cover follows the bitmap alone; here it can only have been cleared.
+        if self._bitmap.plugged_count:
+            return NO_CHANGE
+        return self._propose(self.cover.plan_clear())
+
+    def unmap_all(self) -> MemslotChange:
+        return self._propose(self.cover.plan_clear())
+
+    def deletes_plugged(self, change: MemslotChange) -> bool:
+        pending = self._pending
+        if pending is not None and pending[0] is change:
+            return pending[1].replaces_plugged
+        return super().deletes_plugged(change)
+
+    def commit(self, change: MemslotChange) -> None:
+        super().commit(change)
+        pending = self._pending
+        if pending is not None and pending[0] is change:
+            self._pending = None
+            self._settle(pending[1])
+
+    def memslot_at(self, offset: int) -> tuple[MemslotSpan, bool]:
+        bs, cover = self.block_size, self.cover
+        block = offset // bs
+        span = cover.span_at(block)
+        if span is not None:
+            return MemslotSpan(span[0] * bs, span[1] * bs), True
+        # the unplugged gap, up to the next plugged block of this grid memslot
+        end = min((block // cover.cell_blocks + 1) * cover.cell_blocks, cover.nb_blocks)
+        stop = self._bitmap.find(True, block, end)
+        return MemslotSpan(block * bs, ((end if stop < 0 else stop) - block) * bs), False
+
+    def alias_name(self, span: MemslotSpan) -> str:
+        """Grid memslot names: ``virtio-mem-memslot-3`` for a whole grid
+        memslot, ``-8-15`` for several, ``-3@0x200000`` for a part of one."""
+        first, last = span.offset // self.memslot_size, (span.end - 1) // self.memslot_size
+        if span.offset % self.memslot_size:
+            return f"{ALIAS_NAME.format(first)}@{span.offset % self.memslot_size:#x}"
+        if span.size < self.memslot_size and span.end != self.region_size:
+            return f"{ALIAS_NAME.format(first)}@0x0"
+        return ALIAS_NAME.format(first) + (f"-{last}" if last != first else "")
+
+    def spans(self) -> Iterator[MemslotSpan]:
+        """The memslots mapped now (exact spans exist only while mapped)."""
+        return iter(sorted(self._mapped.values()))
+
+    def _propose(self, plan: CoverPlan) -> MemslotChange:
+        bs = self.block_size
+        change = MemslotChange(tuple(MemslotSpan(s * bs, n * bs) for s, n in plan.delete),
+                               tuple(MemslotSpan(s * bs, n * bs) for s, n in plan.create))
+        if not change:                      # nothing for the device to apply: settle now
+            self._pending = None
+            self._settle(plan)
+            return NO_CHANGE
+        self._pending = (change, plan)
+        return change
+
+    def _settle(self, plan: CoverPlan) -> None:
+        self.cover.commit(plan)
+        size = self.memslot_size
+        if plan.coarsened:
+            log.warning("%s: memslots=exact would need more than its %d memslots: grid memslot(s) "
+                        "%s mapped whole (%d MiB each), as memslots=dynamic does", self.name,
+                        self.cover.limit, ", ".join(map(str, plan.coarsened)), size >> 20)
+        if plan.refined:
+            log.info("%s: memslots=exact back to exact memslots in grid memslot(s) %s "
+                        "(%d memslots now)", self.name, ", ".join(map(str, plan.refined)),
+                        self.cover.count)
+
+
 _POLICIES: dict[MemslotMode, type[MemslotPolicy]] = {
     MemslotMode.SINGLE: SinglePolicy, MemslotMode.USABLE: UsablePolicy,
-    MemslotMode.DYNAMIC: DynamicPolicy}
+    MemslotMode.DYNAMIC: DynamicPolicy, MemslotMode.EXACT: ExactPolicy}
 
 
 def make_policy(mode: MemslotMode, region_size: int, memslot_size: int, block_size: int,
-                bitmap: PlugBitmap) -> MemslotPolicy:
-    """The policy of ``mode`` for a device region (at realize)."""
-    return _POLICIES[MemslotMode(mode)](region_size, memslot_size, block_size, bitmap)
+                bitmap: PlugBitmap, name: str = "virtio-mem") -> MemslotPolicy:
+    """The policy of ``mode`` for a device region (at realize); ``name`` is
+    the device's id, for log lines."""
+    policy = _POLICIES[MemslotMode(mode)](region_size, memslot_size, block_size, bitmap)
+    policy.name = name
+    return policy

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from kvmmem.devices.block_protection import BlockProtection
@@ -80,6 +81,10 @@ class VirtioMem:
         self.bitmap: PlugBitmap | None = None
         self.policy: MemslotPolicy | None = None
         self.protection: BlockProtection | None = None
+        self.quiesce: Callable[[], AbstractContextManager[object]] = nullcontext
+        """Stops the vCPUs for a memslot change that deletes a memslot over
+        plugged blocks (KVM cannot replace one atomically); the machine that
+        runs vCPUs installs it, a no-op where none run."""
 
     # -- life cycle (machine side) -----------------------------------------
 
@@ -116,7 +121,7 @@ class VirtioMem:
             raise RuntimeError(f"{self.id} is already realized")
         bits = PlugBitmap(self.region_size // self.block_size)
         policy = make_policy(self.props.memslots, self.region_size, memslot_size,
-                             self.block_size, bits)
+                             self.block_size, bits, self.id)
         backing = VirtioMemBacking(self.memdev, policy.maps_aliases, policy.alias_name)
         protection = None
         if self.props.protect is ProtectMode.BLOCK:
@@ -306,8 +311,12 @@ class VirtioMem:
         assert backing is not None and policy is not None   # realized
         if protection is not None:
             protection.before_map(change.map)
+        # A merge or split (memslots=exact) deletes a memslot the guest may be
+        # using and creates its replacement: no vCPU may run in between.
+        stop = self.quiesce() if change.unmap and policy.deletes_plugged(change) else nullcontext()
         try:
-            backing.remap(change.unmap, change.map)
+            with stop:
+                backing.remap(change.unmap, change.map)
         except BaseException:
             if protection is not None:
                 protection.after_unmap(change.map)
@@ -396,6 +405,11 @@ class VirtioMem:
     @property
     def memslot_size(self) -> int:
         return self._policy().memslot_size
+
+    @property
+    def nb_memslots(self) -> int:
+        """How many memslots the device maps now."""
+        return self._policy().nb_mapped
 
     @property
     def mapped_memslots(self) -> frozenset[int]:

@@ -95,14 +95,15 @@ class VirtioMemProps:
             raise VirtioMemPropertyError(f"{self.id}: 'node' {self.node} is not a u16")
         if self.max_memslots < 0:
             raise VirtioMemPropertyError(f"{self.id}: 'max-memslots' must not be negative")
-        if self.memslots is MemslotMode.DYNAMIC and not self.unplugged_inaccessible:
-            raise VirtioMemPropertyError(f"{self.id}: 'memslots=dynamic' needs "
+        if self.memslots in (MemslotMode.DYNAMIC, MemslotMode.EXACT) \
+                and not self.unplugged_inaccessible:
+            raise VirtioMemPropertyError(f"{self.id}: 'memslots={self.memslots.value}' needs "
                                          "'unplugged-inaccessible=on' (the guest must not touch "
                                          "unplugged memory that has no memslot)")
         if self.protect is ProtectMode.BLOCK and self.memslots is MemslotMode.SINGLE:
-            raise VirtioMemPropertyError(f"{self.id}: 'protect=block' needs 'memslots=usable' "
-                                         "or 'dynamic': in single mode every unplugged block of "
-                                         "the whole region would need guard page tables")
+            raise VirtioMemPropertyError(f"{self.id}: 'protect=block' needs 'memslots=usable', "
+                                         "'dynamic' or 'exact': in single mode every unplugged "
+                                         "block of the whole region would need guard page tables")
         if self.protect is ProtectMode.BLOCK and not self.unplugged_inaccessible:
             raise VirtioMemPropertyError(f"{self.id}: 'protect=block' needs "
                                          "'unplugged-inaccessible=on'")

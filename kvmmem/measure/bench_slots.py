@@ -1,6 +1,6 @@
 """Memslot metadata, time and memory returned of a virtio-mem device, by memslot mode.
 
-For each memslot mode (``single``, ``usable``, ``dynamic``) and plugged size,
+For each memslot mode (``single``, ``usable``, ``dynamic``, ``exact``) and plugged size,
 a fresh child in its own memory cgroup (kvmmem.measure.kmem) builds a pc machine
 (1 GiB of boot RAM, device memory for the device), plugs the device and
 plugs the given size into it, untouched, and reads the kernel charge: that
@@ -16,6 +16,10 @@ bare ``KVM_SET_USER_MEMORY_REGION`` create+delete of the same slot, among 0
 and 1000 other memslots (scripts/bench_overhead.py). With --qemu, QEMU's
 kernel memory with the same idle device is put beside it
 (scripts/bench_qemu.py).
+
+With --patterns, plug patterns (contiguous, scattered one block per GiB,
+Linux's 128 MiB steps) are measured in ``dynamic`` and ``exact`` beside
+their floor (kvmmem.measure.bench_patterns).
 
 Results go to JSON (--json) and a Markdown table (stdout, --markdown);
 scripts/plot_slots.py draws the plot from the JSON.
@@ -44,13 +48,14 @@ from kvmmem.kvm import Kvm
 from kvmmem.measure import kmem
 from kvmmem.measure.bench_overhead import TARGET as OVERHEAD_TARGET
 from kvmmem.measure.bench_overhead import Overhead, format_overheads, measure_overhead
+from kvmmem.measure.bench_patterns import PatternCase, format_patterns, run_patterns
 from kvmmem.measure.bench_qemu import measure_qemu
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.machine_memory import MachineMemory
 
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MODES = ("single", "usable", "dynamic")
+MODES = ("single", "usable", "dynamic", "exact")
 BOOT_RAM = 1 * GIB
 CYCLE = 1 * GIB                 # the size plugged and unplugged for the timings
 MAX_NB_BLOCKS = 0xFFFF          # a request's nb_blocks is a le16
@@ -174,6 +179,7 @@ class Run:
     cases: list[Case] = field(default_factory=list)
     overheads: list[Overhead] = field(default_factory=list)   # one per number of other memslots
     qemu: dict[str, Any] | None = None
+    patterns: list[PatternCase] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------- measured work
@@ -217,7 +223,7 @@ def device_case(backend: kmem.KmemBackend, mode: str, device_size: int,
         out: dict[str, Any] = {"create_s": time.perf_counter() - t0}
         _request(dev, RequestType.PLUG, 0, plugged)
         out["kernel_raw"] = _own_kernel_bytes(backend)
-        out["memslots"] = len(dev.mapped_memslots)
+        out["memslots"] = dev.nb_memslots
         out["memslot_size"] = dev.memslot_size
 
         t0 = time.perf_counter()
@@ -227,7 +233,7 @@ def device_case(backend: kmem.KmemBackend, mode: str, device_size: int,
         t0 = time.perf_counter()
         _request(dev, RequestType.PLUG, plugged, CYCLE)
         out["plug_s"] = time.perf_counter() - t0
-        out["cycle_memslots"] = len(dev.mapped_memslots)
+        out["cycle_memslots"] = dev.nb_memslots
         dev.memdev.populate(plugged, CYCLE)
         out["rss_touched"] = rss_bytes()
         t0 = time.perf_counter()
@@ -261,7 +267,8 @@ def format_table(run: Run) -> str:
             rows.append(f"{lead} {why} |" + " |" * (head.count(" | ") - 3))
             continue
         pct = c.rss_returned_pct
-        slots = f"{c.memslots} x {human(c.memslot_size)}" if c.memslots and c.memslot_size else str(c.memslots)
+        slots = (f"{c.memslots} x {human(c.memslot_size)}" if c.memslots and c.memslot_size
+                 and c.mode != "exact" else str(c.memslots))
         rows.append(f"{lead} {_mib(c.kernel_bytes)} | {slots} | {_ms(c.create_s)} | "
                     f"{_ms(c.plug_s)} | {_ms(c.unplug_s)} | {_mib(c.rss_before)} | "
                     f"{_mib(c.rss_touched)} | {_mib(c.rss_after)} | "
@@ -338,6 +345,8 @@ def format_report(run: Run) -> str:
                      f"{_mib(q['kernel_bytes'] - q['baseline_bytes'])} MiB)"
                      if q.get("kernel_bytes") is not None else f"not measured: {q.get('error')}")]
     parts += ["", format_targets(evaluate_targets(run))]
+    if run.patterns:
+        parts += ["", format_patterns(run.patterns, run.device_size)]
     return "\n".join(parts) + "\n"
 
 
@@ -372,8 +381,10 @@ def run_from_json(data: dict[str, Any]) -> Run:
     cases = [Case(**{k: v for k, v in c.items() if k in case_keys}) for c in data["cases"]]
     raws = data.get("overheads") or ([data["overhead"]] if data.get("overhead") else [])
     overheads = [Overhead(**{k: o[k] for k in Overhead.__dataclass_fields__ if k in o}) for o in raws]
+    patterns = [PatternCase(**{k: v for k, v in p.items() if k in PatternCase.__dataclass_fields__})
+                for p in data.get("patterns", [])]
     return Run(data["device_size"], data["host"], data["baseline_bytes"], data["baseline_samples"],
-               cases, overheads, data.get("qemu"))
+               cases, overheads, data.get("qemu"), patterns)
 
 
 # ----------------------------------------------------------------- driver
@@ -448,7 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plugged", type=parse_sizes, default=parse_sizes("0,1,16,64"),
                         help="plugged sizes, comma-separated (bare number = GiB; default 0,1,16,64)")
     parser.add_argument("--modes", type=parse_modes, default=list(MODES),
-                        help="memslot modes, comma-separated (default single,usable,dynamic)")
+                        help="memslot modes, comma-separated (default single,usable,dynamic,exact)")
+    parser.add_argument("--patterns", action="store_true",
+                        help="also the plug patterns in dynamic and exact mode, beside their floor")
+    parser.add_argument("--only-patterns", action="store_true",
+                        help="only the plug patterns (with --device-size)")
+    parser.add_argument("--pattern-runs", type=int, default=3,
+                        help="runs of each pattern for the request times (default 3)")
     parser.add_argument("--baseline-runs", type=int, default=5, help="runs of the VM without device")
     parser.add_argument("--overhead-memslots", default="0,1000",
                         help="measure a memslot change through kvmmem against the bare ioctl among "
@@ -470,9 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         runs = [run_from_json(json.loads(p.read_text())) for p in args.from_json]
     else:
-        others = [] if args.no_overhead else [int(n) for n in args.overhead_memslots.split(",")]
-        runs = [run_benchmark(args.device_size, args.modes, args.plugged, args.baseline_runs,
-                              others, args.qemu)]
+        others = [] if args.no_overhead or args.only_patterns else \
+            [int(n) for n in args.overhead_memslots.split(",")]
+        runs = [run_benchmark(args.device_size, [] if args.only_patterns else args.modes,
+                              args.plugged, args.baseline_runs, others, args.qemu)]
+        if args.patterns or args.only_patterns:
+            runs[0].patterns = run_patterns(args.device_size, runs=args.pattern_runs,
+                                            progress=lambda label: print(f"[{label}]", file=sys.stderr))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(run_to_json(runs[0]), indent=2) + "\n")

@@ -178,7 +178,7 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
             dev = session.dev
             say("")
             say(f"== memslots={mode}: {format_size(size)} virtio-mem on a {format_size(ram)} pc "
-                f"machine, {dev.memslot_size // GiB} GiB memslots, driven by {who} ==")
+                f"machine, {_slots(mode, dev.memslot_size)}, driven by {who} ==")
             steps = [(0, False)] + [(r, reboot_last and i == len(requested) - 1)
                                     for i, r in enumerate(requested)]
             empty: int | None = None
@@ -193,12 +193,17 @@ def run_demo(modes: Sequence[str] = ("usable", "dynamic"), size: int = 500 * GiB
                     say(f"-- requested-size {format_size(value)}" + (", then reboot" if reboot else ""))
                     for line in device_memory_listing(memory):
                         say(line)
-                    say(f"   memslots: {len(dev.mapped_memslots)} of the device, "
+                    say(f"   memslots: {dev.nb_memslots} of the device, "
                         f"{memory.vm.used_memslots} in KVM | plugged {format_size(session.reported)} "
                         f"| KVM kernel memory of the VM {_fmt(cost)}{growth}")
             finally:
                 session.close()
                 props.memdev.close()  # type: ignore[union-attr]
+
+
+def _slots(mode: str, memslot_size: int) -> str:
+    grid = f"{memslot_size // GiB} GiB"
+    return f"memslots over the plugged blocks ({grid} grid)" if mode == "exact" else f"{grid} memslots"
 
 
 def _single_cost(kvm: Kvm, meter: _Meter, size: int, ram: int,

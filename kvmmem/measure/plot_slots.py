@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 MIB, GIB = 1 << 20, 1 << 30
-STYLE = {"single": ("tab:red", "s"), "usable": ("tab:orange", "^"), "dynamic": ("tab:green", "o")}
-LABEL_OFFSET = {"single": (4, 6), "usable": (-30, 6), "dynamic": (6, -12)}
+STYLE = {"single": ("tab:red", "s"), "usable": ("tab:orange", "^"), "dynamic": ("tab:green", "o"),
+         "exact": ("tab:blue", "x")}
+LABEL_OFFSET = {"single": (4, 6), "usable": (-30, 6), "dynamic": (6, -12), "exact": (6, 8)}
 
 
 def series(data: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:

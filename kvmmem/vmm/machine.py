@@ -31,6 +31,7 @@ from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
 from kvmmem.vmm.serial import Serial16550
 from kvmmem.vmm.unplugged import UnpluggedAccess, UnpluggedAccessLog
+from kvmmem.vmm.vcpu_gate import VcpuGate
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class Machine:
         self._parked = threading.Event()       # set while run() waits in pause
         self._park_lock = threading.Lock()     # orders parking and reset requests
         self._run_thread: int | None = None
+        self.gate = VcpuGate(lambda: self.vcpu.kick())
+        """Other threads stop the vCPU through it to replace memslots under plugged memory."""
         _install_kick_handler()
         # vhost-user back-ends first, so that the memory devices' memslot counts
         # respect their limits; their virtio-mmio windows come after the memory devices'.
@@ -142,6 +145,7 @@ class Machine:
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
+        dev.quiesce = self.gate.quiesced
         self.memory.plug(dev)
         transport = VirtioMmioTransport(dev, self.guest_memory, self.vm, gsi, base=base,
                                         name=f"virtio-mmio-{props.id}")
@@ -234,11 +238,14 @@ class Machine:
             while self._stop_status is None:
                 if self._park_or_reset():
                     continue
+                self.gate.enter_guest()
                 try:
                     ex = self.vcpu.run()
                 except KvmError as exc:
                     self._stop_on_error(fatal_exits.describe(self.vcpu, exc))
                     continue
+                finally:
+                    self.gate.leave_guest()
                 try:
                     with self.lock:
                         self._handle(ex)

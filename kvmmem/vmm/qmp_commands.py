@@ -305,7 +305,7 @@ class MachineMonitor:
                                               lambda value: self._set_requested_size(dev, value))
         props["memslot-size"] = QomProperty("size", lambda: self._locked(lambda: dev.memslot_size))
         props["mapped-memslots"] = QomProperty(
-            "uint32", lambda: self._locked(lambda: len(dev.mapped_memslots)))
+            "uint32", lambda: self._locked(lambda: dev.nb_memslots))
         return props
 
     def _locked(self, read: Callable[[], Any]) -> Any:

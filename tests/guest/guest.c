@@ -23,6 +23,11 @@
  *                           send one malformed request (16-byte request,
  *                           type 7, descriptor outside RAM, looping chain),
  *                           print the device status, exit 0
+ *   kvmmem.hammer=1         once requested_size is first reached, write and
+ *                           read back one word of every plugged block (and
+ *                           one in its middle) forever, a new value each
+ *                           round, printing a line every 64 rounds; the host
+ *                           changes memslots meanwhile and ends the VM
  *   kvmmem.blk=N            N rounds of: plug two blocks, write a sector from
  *                           the first through the virtio-blk device (id 2),
  *                           read it back into the second, check, unplug both;
@@ -37,6 +42,7 @@
  *   read 0x<addr> = 0x<value>                  (read_unplugged)
  *   malformed <how>: <answer> status=0x<status>
  *   virtio-blk: ... / blk round <r>: ... ok / blk: <N> rounds done  (kvmmem.blk)
+ *   hammer round=<n> / hammer mismatch at 0x<addr>: 0x<value> round=<n>  (kvmmem.hammer)
  *   waiting for a config change
  *   pattern mismatch at 0x<addr>: 0x<value> / busy / error ... / no virtio-mmio device
  * Exit: byte to port 0xf4 (isa-debug-exit): 0 success, 1 failure.
@@ -281,6 +287,7 @@ void __attribute__((noreturn)) guest_main(const u8 *zero_page)
 			fail("no virtio-blk device");
 		blk_rounds(blk_base, rounds);
 	}
+	mem_hammer = arg_num(cmdline, "kvmmem.hammer=", 0) != 0;
 	mem_follow_requested_size(arg_num(cmdline, "kvmmem.read_unplugged=", 0) != 0,
 				  arg_num(cmdline, "kvmmem.reset=", 0) != 0, steps_left);
 }

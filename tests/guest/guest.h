@@ -107,6 +107,7 @@ u64 mem_init(u64 base);		/* the accepted features */
 __attribute__((noreturn)) void mem_send_malformed(const char *how, u64 addr);
 __attribute__((noreturn)) void mem_follow_requested_size(int read_unplugged, int reset_when_done,
 							 long steps_left);
+extern int mem_hammer;		/* kvmmem.hammer=1: see guest.c */
 void irq_handler(void);
 
 /* -- virtio_blk.c ------------------------------------------------------------ */

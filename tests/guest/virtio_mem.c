@@ -148,6 +148,32 @@ static void step_done(int read_unplugged, long *steps_left)
 	}
 }
 
+int mem_hammer;		/* kvmmem.hammer=1 */
+
+/* Keep writing and checking plugged memory while the host replaces the
+ * memslots under it: a word it loses or reads back wrong ends the VM with 1. */
+static __attribute__((noreturn)) void hammer_plugged(const struct mem_config *c)
+{
+	u64 half = c->block_size / 2;
+	for (u64 round = 1;; round++) {
+		for (u64 a = c->addr; a < c->addr + plugged; a += c->block_size) {
+			wr64(a, PATTERN(a) ^ round);
+			wr64(a + half, PATTERN(a + half) ^ round);
+		}
+		for (u64 a = c->addr; a < c->addr + plugged; a += half) {
+			u64 v = rd64(a);
+			if (v != (PATTERN(a) ^ round)) {
+				puts("hammer mismatch at "); puthex(a); puts(": "); puthex(v);
+				puts(" round="); putdec(round); putc('\n');
+				finish(1);
+			}
+		}
+		if (round % 64 == 0) {
+			puts("hammer round="); putdec(round); putc('\n');
+		}
+	}
+}
+
 void mem_follow_requested_size(int read_unplugged, int reset_when_done, long steps_left)
 {
 	struct mem_config c;
@@ -164,6 +190,8 @@ void mem_follow_requested_size(int read_unplugged, int reset_when_done, long ste
 		if (unplug_all) {
 			type = UNPLUG_ALL;
 		} else if (plugged == c.requested) {
+			if (mem_hammer)
+				hammer_plugged(&c);
 			if (reset_when_done) {
 				puts("resetting\n");
 				outb(0x64, 0xfe);	/* the keyboard controller's reset line */

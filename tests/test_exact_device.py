@@ -1,0 +1,88 @@
+"""memslots=exact in a device on real KVM: merges, splits, refusals, the budget fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from vmem_helpers import PLUG, UNPLUG, UNPLUG_ALL, GiB, MiB, exact_ranges, kvm_ranges, plug_device, request
+
+from kvmmem.devices.virtio_mem_proto import ResponseType
+from kvmmem.memory import HostMemory
+from kvmmem.vmm.machine_memory import MachineMemory
+
+pytestmark = pytest.mark.kvm
+
+BS = 2 * MiB
+STEP = 128 * MiB // BS
+
+
+def machine_with_device(vm, size: int = 16 * GiB, **props):  # type: ignore[no-untyped-def]
+    machine = MachineMemory(vm, GiB, maxmem=size + 4 * GiB)
+    dev = plug_device(machine, size=size, block=BS, memslots="exact", requested_size=size, **props)
+    return machine, dev
+
+
+def test_a_refused_merge_leaves_everything_as_it_was(vm) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm)
+    for k in range(7):
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    before = (kvm_ranges(vm, dev), dev.plugged_size, dev.policy.cover.spans(), dict(vm.memslots))
+    assert len(before[0]) == 7
+    # someone else's memslot where the eighth 128 MiB would go: KVM refuses the 1 GiB merge
+    blocker = HostMemory(BS, "blocker")
+    where = dev.addr + 7 * 128 * MiB + 64 * MiB
+    vm.set_user_memory_region(4000, where, BS, blocker.address)
+    assert request(dev, PLUG, 7 * STEP, STEP).type is ResponseType.BUSY
+    others = {k: v for k, v in vm.memslots.items() if k != 4000}
+    after = (kvm_ranges(vm, dev) - {(where, BS)}, dev.plugged_size, dev.policy.cover.spans(), others)
+    assert after == before
+    assert dev.bitmap.find(True, 7 * STEP, 8 * STEP) == -1
+    vm.delete_memslot(4000)
+    blocker.close()
+    assert request(dev, PLUG, 7 * STEP, STEP).type is ResponseType.ACK
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)} == exact_ranges(dev)
+    machine.close()
+
+
+def test_a_refused_split_leaves_everything_as_it_was(vm) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm, size=64 * GiB)     # a budget of 64: the split fits it
+    assert request(dev, PLUG, 0, 8 * STEP).type is ResponseType.ACK
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)}
+    # all memslots of KVM taken: the split's pieces cannot be created
+    fillers = []
+    host = HostMemory(BS, "filler")
+    while vm.free_memslots > 1:
+        fillers.append(vm.add_memslot((1 << 40) + len(fillers) * BS, BS, host.address))
+    assert request(dev, UNPLUG, 100, 1).type is ResponseType.BUSY
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)} and dev.plugged_size == GiB
+    for slot in fillers:
+        vm.delete_memslot(slot)
+    host.close()
+    assert request(dev, UNPLUG, 100, 1).type is ResponseType.ACK
+    # [0, 100): 1 x 128 MiB, 4 x 16 MiB, 4 x 2 MiB; [101, 512): 3 x 2 MiB, 3 x 16 MiB, 6 x 128 MiB
+    assert kvm_ranges(vm, dev) == exact_ranges(dev) and len(exact_ranges(dev)) == 9 + 12
+    machine.close()
+
+
+def test_the_budget_fallback_maps_whole_grid_memslots_and_logs_it(vm, caplog) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm, size=4 * GiB, protect="block")   # 4 memslots
+    with caplog.at_level(logging.WARNING, logger="kvmmem.devices.memslot_policy"):
+        for b in (0, 2, 4, 6):
+            assert request(dev, PLUG, b, 1).type is ResponseType.ACK
+        assert request(dev, PLUG, 512, 1).type is ResponseType.ACK
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB), (dev.addr + GiB, BS)} == exact_ranges(dev)
+    assert "would need more than its 4 memslots: grid memslot(s) 0 mapped whole" in caplog.text
+    # inside the whole memslot the unplugged blocks are guarded, outside none is
+    assert dev.protection.guarded(1, 1) and dev.protection.guarded(7, 500)
+    assert not dev.protection.guarded(513, 1)
+    assert machine.budget.reservations["vmem0"].used == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kvmmem.devices.memslot_policy"):
+        assert request(dev, UNPLUG, 2, 1).type is ResponseType.ACK     # 3 + 1 <= 4: exact again
+    assert "back to exact memslots in grid memslot(s) 0" in caplog.text
+    assert kvm_ranges(vm, dev) == {(dev.addr + b * BS, BS) for b in (0, 4, 6, 512)} == exact_ranges(dev)
+    assert not dev.protection.guarded(1, 1)
+    assert request(dev, UNPLUG_ALL).type is ResponseType.ACK
+    assert kvm_ranges(vm, dev) == set() and machine.budget.reservations["vmem0"].used == 0
+    machine.close()
