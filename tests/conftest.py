@@ -23,7 +23,8 @@ KVM_MARKERS = ("kvm", "linux")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm: the test needs a usable /dev/kvm")
-    config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon (qemu-utils)")
+    config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon "
+                            "(qemu-system-common, with qemu-utils)")
     config.addinivalue_line("markers", "linux: the test boots the Linux test kernel (make test-linux)")
 
 

@@ -22,12 +22,12 @@ from vhost_helpers import (
     start_backend,
 )
 
-from kvmmem.devices.vhost_user_blk import SUPPORTED_FEATURES, VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.memory import HostMemory
 from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.backends import VhostBackends
 from kvmmem.vhost.frontend import VhostUserError
+from kvmmem.vhost.vhost_user_blk import SUPPORTED_FEATURES, VhostUserBlkProps
 from kvmmem.virtio.mmio import Reg, Status
 from kvmmem.vmm.machine_memory import MachineMemory
 

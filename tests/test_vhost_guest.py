@@ -25,9 +25,9 @@ from vhost_helpers import Backend, start_backend
 from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, memslots_to_map
 
 from kvmmem.devices.memslot_policy import MemslotMode
-from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.memory import HostMemory
+from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 from kvmmem.vmm.machine import Machine, MachineConfig
 
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]

@@ -12,7 +12,6 @@ import pytest
 from vhost_helpers import GiB, MiB, start_backend
 
 from kvmmem.devices.memslot_budget import memslots_for_device
-from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
 from kvmmem.memory import HostMemory
@@ -25,6 +24,7 @@ from kvmmem.vhost.frontend import (
 )
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.messages import ProtocolFeature
+from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 from kvmmem.vmm.machine_memory import MachineMemory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]

@@ -29,7 +29,8 @@ SECTOR = 512
 def need_qsd() -> str:
     """The daemon's path, or skip (under CI the conftest hook turns this into a failure)."""
     if QSD is None:
-        pytest.skip("qemu-storage-daemon is not installed (Debian package qemu-utils)")
+        pytest.skip("qemu-storage-daemon is not installed (Debian 12 package qemu-system-common, "
+                    "with qemu-utils)")
     return QSD
 
 
@@ -58,8 +59,23 @@ class Backend:
             return f.read(size)
 
 
+SO_ACCEPTCON = 1 << 16              # a listening socket's flag in /proc/net/unix
+
+
+def is_listening(path: str) -> bool:
+    """Whether a unix socket at ``path`` listens: the daemon binds (the file appears)
+    before it listens, and a connect in between is refused (kernel's unix_seq_show)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & SO_ACCEPTCON:
+                return True
+    return False
+
+
 def start_backend(directory: Path, name: str = "disk", size: int = 64 * MiB) -> Backend:
-    """Start the daemon the way the README does and wait for its socket."""
+    """Start the daemon the way the README does and wait until its socket listens."""
     qsd = need_qsd()
     image = directory / f"{name}.img"
     with open(image, "wb") as f:
@@ -70,13 +86,13 @@ def start_backend(directory: Path, name: str = "disk", size: int = 64 * MiB) -> 
          "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
                       f"addr.path={sock},writable=on")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
+    while not is_listening(sock):
         if proc.poll() is not None:
             raise RuntimeError(f"qemu-storage-daemon exited: {proc.stderr.read().decode()}"  # type: ignore[union-attr]
                                )
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("qemu-storage-daemon did not create its socket")
+            raise RuntimeError("qemu-storage-daemon did not listen on its socket")
         time.sleep(0.02)
     return Backend(proc, sock, image)
 

@@ -15,22 +15,24 @@ KVM and every back-end.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmmem.devices.memory_device import MemslotBudgetError
-from kvmmem.devices.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
-from kvmmem.memory import HostMemory
+from kvmmem.devices.memslot_budget import MemslotBudget
+from kvmmem.memory import AddressSpace, HostMemory
 from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.frontend import VhostUserError, VhostUserFrontend
 from kvmmem.vhost.mem_listener import VhostMemoryListener
 from kvmmem.vhost.mmio import VhostMmioTransport
+from kvmmem.vhost.vhost_user_blk import VhostUserBlk, VhostUserBlkProps
 
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm
-    from kvmmem.vmm.machine_memory import MachineMemory
 
-__all__ = ["UnsharedMemoryError", "VhostBackend", "VhostBackends", "require_shared"]
+__all__ = ["MachineMemoryView", "MemoryDeviceView", "UnsharedMemoryError", "VhostBackend",
+           "VhostBackends", "require_shared"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,35 @@ def require_shared(host: HostMemory, what: str, device: str) -> None:
             f"vhost-user back-end cannot map it; use memory-backend-memfd or "
             f"memory-backend-ram,share=on (boot RAM: -object memory-backend-memfd,id=ID,"
             f"size=SIZE -machine memory-backend=ID)")
+
+
+class MemoryDeviceView(Protocol):
+    """What the vhost-user devices read of a memory device: its id and its memdev."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def memdev(self) -> HostMemory: ...
+
+
+class MachineMemoryView(Protocol):
+    """What the vhost-user devices need of the machine's memory (the VMM's
+    ``MachineMemory`` is one): the boot RAM and the memory devices, to check that
+    a back-end can map them; the address space its listener follows; the budget
+    it joins as a memslot consumer."""
+
+    @property
+    def ram_host(self) -> HostMemory: ...
+
+    @property
+    def devices(self) -> Mapping[str, MemoryDeviceView]: ...
+
+    @property
+    def address_space(self) -> AddressSpace: ...
+
+    @property
+    def budget(self) -> MemslotBudget: ...
 
 
 @dataclass
@@ -68,7 +99,7 @@ class VhostBackend:
 class VhostBackends:
     """The vhost-user devices of a machine's memory."""
 
-    def __init__(self, memory: MachineMemory, vm: Vm, guest_memory: GuestMemory) -> None:
+    def __init__(self, memory: MachineMemoryView, vm: Vm, guest_memory: GuestMemory) -> None:
         self.memory = memory
         self.vm = vm
         self.guest_memory = guest_memory

@@ -21,8 +21,8 @@ from kvmmem.vhost.frontend import VhostUserError
 from kvmmem.virtio.mmio import INT_USED_BUFFER, Reg, Status, VirtioMmioTransport
 
 if TYPE_CHECKING:
-    from kvmmem.devices.vhost_user_blk import VhostUserBlk
     from kvmmem.kvm import Vm
+    from kvmmem.vhost.vhost_user_blk import VhostUserBlk
 
 __all__ = ["VhostMmioTransport"]
 

@@ -32,7 +32,7 @@ def chardevs(specs: list[str]) -> dict[str, str]:
 def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int,
                    in_use: Collection[str] = ()) -> Any:
     """One ``-device vhost-user-blk``; ``in_use`` are the chardevs other devices took."""
-    from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
+    from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 
     chardev = dev.pop("chardev", None)
     if chardev is None:

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmmem.devices.notifier import Notifier
-from kvmmem.devices.vhost_user_blk import VhostUserBlkProps
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.kvm import Kvm, KvmError, exits, lib
 from kvmmem.kvm.vcpu import KICK_SIGNAL
 from kvmmem.memory import HostMemory, RegionKind
 from kvmmem.memory.guest_memory import GuestMemory
 from kvmmem.vhost.backends import VhostBackends
+from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
