@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvmmem.devices.exact_cover import ExactCover, reference_cover
-from kvmmem.devices.plug_bitmap import PlugBitmap
 from linux_guest import (
     CMDLINE,
     KERNEL,
@@ -28,6 +26,9 @@ from linux_guest import (
     MiB,
     Report,
 )
+
+from kvmmem.devices.exact_cover import ExactCover, reference_cover
+from kvmmem.devices.plug_bitmap import PlugBitmap
 
 pytestmark = pytest.mark.linux
 
