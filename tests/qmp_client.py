@@ -14,6 +14,48 @@ from typing import Any
 TIMEOUT = 30
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def strict_loads(line: bytes) -> Any:
+    """RFC 8259 JSON only: no NaN, Infinity or -Infinity tokens."""
+    return json.loads(line, parse_constant=_no_constant)
+
+
+class RawQmpClient:
+    """A QMP client on a bare socket, for input no library would send; it
+    accepts only strict JSON from the server."""
+
+    def __init__(self, path: Path | str, negotiate: bool = True, timeout: float = TIMEOUT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.reader = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self.greeting = self.read()
+        if negotiate:
+            assert self.ask(b'{"execute": "qmp_capabilities"}') == {"return": {}}
+
+    def read(self) -> dict[str, Any]:
+        """The next message that is not an event (events go to ``events``)."""
+        while True:
+            line = self.reader.readline()
+            assert line.endswith(b"\r\n"), line
+            message: dict[str, Any] = strict_loads(line)
+            if "event" not in message:
+                return message
+            self.events.append(message)
+
+    def ask(self, data: bytes) -> dict[str, Any]:
+        self.sock.sendall(data)
+        return self.read()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
 class QmpClient:
     def __init__(self, path: Path | str, timeout: float = TIMEOUT) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

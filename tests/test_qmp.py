@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from qmp_client import RawQmpClient as RawClient
 
 from kvmmem.vmm.qmp_protocol import JsonSplitter, QmpError, StreamError, check_arguments, parse_json
 
@@ -317,36 +318,6 @@ def test_exact_memslots_over_qmp(guest_elf, tmp_path) -> None:  # type: ignore[n
         assert vm.status == [0]
 
 
-class RawClient:
-    """A QMP client on a bare socket, for input no library would send."""
-
-    def __init__(self, path: Path, negotiate: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("rb")
-        self.events: list[dict[str, Any]] = []
-        self.greeting = self.read()
-        if negotiate:
-            assert self.ask(b'{"execute": "qmp_capabilities"}') == {"return": {}}
-
-    def read(self) -> dict[str, Any]:
-        """The next message that is not an event (events go to ``events``)."""
-        while True:
-            line = self.reader.readline()
-            assert line.endswith(b"\r\n"), line
-            message = json.loads(line)
-            if "event" not in message:
-                return message
-            self.events.append(message)
-
-    def ask(self, data: bytes) -> dict[str, Any]:
-        self.sock.sendall(data)
-        return self.read()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 def _error(reply: dict[str, Any]) -> tuple[str, str]:

@@ -20,51 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qmp_client import RawQmpClient as Client
+from qmp_client import strict_loads
 
 MiB, GiB = 1 << 20, 1 << 30
 TIMEOUT = 30
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (RFC 8259)")
 
 
-def strict_loads(line: bytes) -> Any:
-    """RFC 8259 JSON only: no NaN, Infinity or -Infinity tokens."""
-    return json.loads(line, parse_constant=_no_constant)
-
-
-class Client:
-    """A QMP client on a bare socket that accepts only strict JSON."""
-
-    def __init__(self, path: Path, negotiate: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("rb")
-        self.events: list[dict[str, Any]] = []
-        self.greeting = self.read()
-        if negotiate:
-            assert self.ask(b'{"execute": "qmp_capabilities"}') == {"return": {}}
-
-    def read(self) -> dict[str, Any]:
-        """The next message that is not an event (events go to ``events``)."""
-        while True:
-            line = self.reader.readline()
-            assert line.endswith(b"\r\n"), line
-            message = strict_loads(line)
-            if "event" not in message:
-                return message
-            self.events.append(message)
-
-    def ask(self, data: bytes) -> dict[str, Any]:
-        self.sock.sendall(data)
-        return self.read()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 @pytest.fixture
