@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from serial_lines import SerialLines
 from vmem_helpers import PLUG, UNPLUG, GiB, MiB, exact_ranges, kvm_ranges, request
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
@@ -32,19 +33,14 @@ ROUND = re.compile(r"hammer round=(\d+)")
 
 
 def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
-    lines: list[str] = []
-    partial = bytearray()
     rounds = threading.Semaphore(0)
 
-    def serial(data: bytes) -> None:
-        nonlocal partial
-        partial += data
-        while b"\n" in partial:
-            line, _, rest = bytes(partial).partition(b"\n")
-            partial = bytearray(rest)
-            lines.append(line.decode(errors="replace"))
-            if ROUND.search(lines[-1]):
-                rounds.release()
+    def on_line(line: str) -> None:
+        if ROUND.search(line):
+            rounds.release()
+
+    serial = SerialLines(on_line)
+    lines = serial.lines
 
     device = VirtioMemProps(id="vmem0", memdev=HostMemory(64 * GiB, "mem0"),
                             requested_size=GUEST_PLUGGED, memslots="exact")

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from qmp_client import RawQmpClient as RawClient
+from serial_lines import SerialLines
 
 from kvmmem.vmm.qmp_protocol import JsonSplitter, QmpError, StreamError, check_arguments, parse_json
 
@@ -130,7 +131,7 @@ class GuestVm:
         from kvmmem.vmm.qmp import QmpServer
 
         self.lines: queue.Queue[str] = queue.Queue()
-        self._partial = b""
+        self._serial = SerialLines(self.lines.put)
         device = VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
                                 requested_size=requested, memslots=memslots)
         self.machine = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest),
@@ -142,12 +143,6 @@ class GuestVm:
         self.server = QmpServer(self.machine, sock)
         self.status: list[int] = []
         self.thread = threading.Thread(target=lambda: self.status.append(self.machine.run()))
-
-    def _serial(self, data: bytes) -> None:
-        self._partial += data
-        *lines, self._partial = self._partial.split(b"\n")
-        for line in lines:
-            self.lines.put(line.decode(errors="replace"))
 
     def wait_reached(self) -> int:
         """Wait until the guest says it is waiting; return the plugged size

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from serial_lines import SerialLines
 from vhost_helpers import (
     SECTOR,
     VIRTIO_BLK_T_IN,
@@ -182,30 +183,25 @@ def test_backend_death_leaves_the_guest_running(guest_elf, tmp_path) -> None:  #
     from kvmmem.vmm.machine import Machine, MachineConfig
 
     backend = start_backend(tmp_path)
-    lines: list[str] = []
-    partial = bytearray()
     steps = re.compile(r"plugged=(\d+) requested=(\d+) ok")
     plan = [2 * GiB, 512 * MiB]
     reached: list[int] = []
 
-    def serial(data: bytes) -> None:
-        nonlocal partial
-        partial += data
-        while b"\n" in partial:
-            line, _, rest = bytes(partial).partition(b"\n")
-            partial = bytearray(rest)
-            lines.append(line.decode(errors="replace"))
-            step = steps.search(lines[-1])
-            if step is None or step[1] != step[2]:
-                continue
-            reached.append(int(step[1]))
-            if not plan:
-                m.shutdown(7)                        # the last size is reached
-                continue
-            if len(plan) == 2:                       # the first size is reached: the back-end dies
-                backend.kill()
-                wait_for(lambda: m.transports[1].needs_reset, "needs reset not set")
-            m.devices["vmem0"].set_requested_size(plan.pop(0))
+    def on_line(line: str) -> None:
+        step = steps.search(line)
+        if step is None or step[1] != step[2]:
+            return
+        reached.append(int(step[1]))
+        if not plan:
+            m.shutdown(7)                            # the last size is reached
+            return
+        if len(plan) == 2:                           # the first size is reached: the back-end dies
+            backend.kill()
+            wait_for(lambda: m.transports[1].needs_reset, "needs reset not set")
+        m.devices["vmem0"].set_requested_size(plan.pop(0))
+
+    serial = SerialLines(on_line)
+    lines = serial.lines
 
     props = VirtioMemProps(id="vmem0", memdev=HostMemory(4 * GiB, "mem0", shared=True),
                            requested_size=GiB)

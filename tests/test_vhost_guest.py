@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serial_lines import SerialLines
 from test_cli import run as run_cli
 from vhost_helpers import Backend, start_backend
 from vmem_helpers import GiB, MiB, expected_ranges, kvm_ranges, memslots_to_map
@@ -70,12 +71,12 @@ class BlkGuest:
     """The test guest with kvmmem.blk=N next to a virtio-mem device in ``mode``."""
 
     def __init__(self, guest: Path, backend: Backend, mode: str, rounds: int = ROUNDS) -> None:
-        self.lines: list[str] = []
+        self._serial = SerialLines(self._on_line)
+        self.lines = self._serial.lines
         self.rounds: list[tuple[int, int, int, int]] = []   # round, sector, write buf, read buf
         self.memslots: list[set[int]] = []        # the device memslots each round's buffers are in
         self.failures: list[str] = []
         self.sent: list[Counter[str]] = []        # the front-end's requests at start and at the end
-        self._partial = b""
         memdev = HostMemory(4 * GiB, "mem0", shared=True)
         device = VirtioMemProps(id="vmem0", memdev=memdev, requested_size=3 * GiB,
                                 memslots=MemslotMode(mode))
@@ -87,16 +88,11 @@ class BlkGuest:
         self.dev = self.machine.devices["vmem0"]
         self.vhost = self.machine.vhost.devices["disk0"]
 
-    def _serial(self, data: bytes) -> None:
-        self._partial += data
-        while b"\n" in self._partial:
-            raw, _, self._partial = self._partial.partition(b"\n")
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            try:
-                self.on_line(line)
-            except AssertionError as exc:       # keep the run going; report at the end
-                self.failures.append(f"{line!r}: {exc}")
+    def _on_line(self, line: str) -> None:
+        try:
+            self.on_line(line)
+        except AssertionError as exc:       # keep the run going; report at the end
+            self.failures.append(f"{line!r}: {exc}")
 
     def on_line(self, line: str) -> None:
         if line.startswith("virtio-blk: "):

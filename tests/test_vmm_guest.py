@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from serial_lines import SerialLines
 from vmem_helpers import GiB, MiB, exact_ranges, expected_ranges, kvm_ranges, memslots_to_map
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
@@ -28,23 +29,14 @@ class Run:
 
     def __init__(self, guest: Path, on_line: Callable[[Run, str], None], cmdline: str = "",
                  device_size: int = 4 * GiB, **props) -> None:  # type: ignore[no-untyped-def]
-        self.lines: list[str] = []
-        self._partial = bytearray()
-        self.on_line = on_line
+        self._serial = SerialLines(lambda line: on_line(self, line))
+        self.lines = self._serial.lines
         props.setdefault("requested_size", GiB)
         device = VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"), **props)
         self.machine = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest),
                                              maxmem=512 * MiB + 8 * GiB, cmdline=cmdline,
                                              memory_devices=[device], serial=self._serial))
         self.dev = self.machine.devices["vmem0"]
-
-    def _serial(self, data: bytes) -> None:
-        self._partial += data
-        while b"\n" in self._partial:
-            line, _, rest = bytes(self._partial).partition(b"\n")
-            self._partial = bytearray(rest)
-            self.lines.append(line.decode(errors="replace"))
-            self.on_line(self, self.lines[-1])
 
     def run(self) -> int:
         try:
