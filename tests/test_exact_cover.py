@@ -18,7 +18,8 @@ class Device:
     """A bitmap and its cover, stepped the way the device steps them."""
 
     def __init__(self, size: int, cell: int = GiB, limit: int | None = None,
-                 radix_bits: int = 3) -> None:
+                 radix_bits: int = 3, merge: bool = True) -> None:
+        self.merge = merge                      # False: plugs defer their merges
         self.nb = size // BLOCK
         self.cell_blocks = cell // BLOCK
         self.bits = PlugBitmap(self.nb)
@@ -30,7 +31,11 @@ class Device:
     def plug(self, first: int, n: int) -> CoverPlan:
         before = self._plugged()
         self.bits.set(first, n, True)
-        return self._apply(self.cover.plan_plug(self.bits, first, n), before)
+        return self._apply(self.cover.plan_plug(self.bits, first, n, self.merge), before)
+
+    def merge_now(self) -> CoverPlan:
+        before = self._plugged()
+        return self._apply(self.cover.plan_merge(self.bits), before)
 
     def unplug(self, first: int, n: int) -> CoverPlan:
         before = self._plugged()
@@ -58,9 +63,26 @@ class Device:
         self.plans.append(plan)
         return plan
 
+    def check_unmerged(self) -> None:
+        """Merges may be pending: aligned allowed chunks, fully plugged, outside
+        coarse cells, not overlapping, over every plugged block; within the limit."""
+        cover, cb = self.cover, self.cell_blocks
+        assert cover.count == len(self.spans) <= cover.limit
+        coarse = {(c * cb, min(cb, self.nb - c * cb)) for c in cover.coarse_cells}
+        covered: list[int] = []
+        for start, n in self.spans - coarse:
+            assert n.bit_length() - 1 in cover.levels and start % n == 0, (start, n)
+            assert not self.bits.any_in_state(start, n, False), (start, n)
+            assert not {b // cb for b in (start, start + n - 1)} & cover.coarse_cells
+            covered.extend(range(start, start + n))
+        assert len(covered) == len(set(covered))
+        coarse_blocks = {b for s, n in coarse for b in range(s, s + n)}
+        assert self._plugged() - coarse_blocks == set(covered)
+
     def check(self) -> None:
         """The cover is the reference cover, within the limit, coarse only where needed."""
         cover = self.cover
+        assert not cover.merge_pending
         assert self.spans == reference_cover(self.bits, self.nb, cover.levels, self.cell_blocks,
                                              cover.coarse_cells)
         assert cover.count == len(self.spans) <= cover.limit
@@ -124,6 +146,36 @@ def test_linux_steps_to_64_gib_leave_one_memslot() -> None:
         dev.unplug(k * STEP, STEP)
         assert dev.cover.count <= 3 * 7
     assert dev.spans == set()
+
+
+def test_deferred_linux_steps_merge_once_into_8_gib() -> None:
+    """64 GiB in 128 MiB steps with merges deferred: one memslot per step and
+    nothing else on the request path; one merge makes 8 memslots of 8 GiB,
+    each byte in a memslot twice (128 MiB, then 8 GiB) instead of three times."""
+    dev = Device(TiB, merge=False)
+    for k in range(512):
+        plan = dev.plug(k * STEP, STEP)
+        assert plan.create == ((k * STEP, STEP),) and not plan.delete
+        assert dev.cover.merge_pending == (k % 8 == 7 or k > 7)
+    dev.check_unmerged()
+    assert dev.cover.count == 512
+    plan = dev.merge_now()
+    eight_gib = 8 * GiB // BLOCK
+    assert set(plan.create) == {(i * eight_gib, eight_gib) for i in range(8)}
+    assert len(plan.delete) == 512 and plan.replaces_plugged
+    dev.check()
+    assert dev.merge_now().create == ()                  # nothing left to merge
+
+
+def test_a_deferred_merge_after_a_hole_merges_around_it() -> None:
+    dev = Device(TiB, merge=False)
+    for k in range(8):
+        dev.plug(k * STEP, STEP)
+    dev.unplug(20, 1)                        # splits the 128 MiB chunk holding block 20
+    dev.check_unmerged()
+    dev.merge_now()
+    dev.check()
+    assert (0, 8 * STEP) not in dev.spans and dev.cover.count == 14 + 7
 
 
 def test_scattered_blocks_are_one_memslot_each() -> None:
@@ -229,17 +281,23 @@ def test_clear_deletes_everything() -> None:
 NB = 256                  # 512 MiB of 2 MiB blocks: chunks of 1, 8, 64 blocks, cells of 16 blocks
 CELL = 16
 
-ops = st.lists(st.tuples(st.sampled_from(["plug", "unplug", "clear"]),
+ops = st.lists(st.tuples(st.sampled_from(["plug", "unplug", "clear", "merge"]),
                          st.integers(0, NB - 1), st.integers(1, 40)), max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=ops, limit=st.sampled_from([16, 17, 20, 64]))
-def test_random_streams_keep_the_cover_exact(steps: list[tuple[str, int, int]], limit: int) -> None:
-    dev = Device(NB * BLOCK, cell=CELL * BLOCK, limit=limit)
+@given(steps=ops, limit=st.sampled_from([16, 17, 20, 64]), merge=st.booleans())
+def test_random_streams_keep_the_cover_exact(steps: list[tuple[str, int, int]], limit: int,
+                                             merge: bool) -> None:
+    """Merging on every plug, or deferring merges (a "merge" step runs them)."""
+    dev = Device(NB * BLOCK, cell=CELL * BLOCK, limit=limit, merge=merge)
     for kind, first, n in steps:
         n = min(n, NB - first)
-        if kind == "clear":
+        if kind == "merge":
+            if merge:
+                continue
+            dev.merge_now()
+        elif kind == "clear":
             dev.clear()
         elif kind == "plug":
             gap = dev.bits.find(True, first, first + n)     # plug up to the next plugged block
@@ -251,4 +309,10 @@ def test_random_streams_keep_the_cover_exact(steps: list[tuple[str, int, int]], 
             n = (gap if gap >= 0 else first + n) - first
             if n:
                 dev.unplug(first, n)
+        if dev.cover.merge_pending:
+            dev.check_unmerged()
+        else:
+            dev.check()
+    if dev.cover.merge_pending:
+        dev.merge_now()
         dev.check()

@@ -44,7 +44,21 @@ plug and one unplug at the limit do not flip cells back and forth).
 
 A plug or an unplug changes only chunks around the touched blocks: those it
 merges or splits (the maximal chunks containing the touched blocks, and the
-old chunks inside them). A plan is computed first and applied with
+old chunks inside them).
+
+**Deferred merges.** Merging is what makes ``exact`` cost more host time per
+request than ``dynamic``: KVM allocates a memslot's metadata afresh on every
+create, so a byte that is first in a 128 MiB chunk, then a 1 GiB one, then
+an 8 GiB one has its metadata allocated three times (each memslot change
+also synchronizes KVM's SRCU). ``plan_plug(..., merge=False)`` covers only
+the new blocks, by the maximal chunks *inside* the plugged range, and
+remembers the cells where a merge is now possible; :meth:`plan_merge` later
+turns every such cell into its maximal chunks in one plan. Run when the
+guest has stopped plugging, a burst of 64 plugs of 128 MiB becomes one
+8 GiB memslot directly, each byte allocated twice. Every plan keeps the
+cover exact (no chunk over an unplugged block); only the number of memslots
+is above the minimum until the merge. A deferred plug that would go over
+``limit`` merges everything pending (and coarsens if still needed) instead. A plan is computed first and applied with
 :meth:`ExactCover.commit` only once the memslots are in place, so a refused
 memslot leaves the cover as it was.
 """
@@ -128,6 +142,11 @@ def reference_cover(bits: PlugState, nb_blocks: int, levels: tuple[int, ...],
     return spans
 
 
+def _nothing_new(block: int) -> int | None:
+    """For ``_cover_new`` when every plugged block is covered already."""
+    return None
+
+
 def _cell_span(cell: int, cell_blocks: int, nb_blocks: int) -> Span:
     first = cell * cell_blocks
     return first, min(cell_blocks, nb_blocks - first)
@@ -167,6 +186,7 @@ class ExactCover:
         self._chunks: dict[int, int] = {}          # first block -> blocks
         self._coarse: dict[int, int] = {}          # coarse cell -> chunks its runs would need
         self._small: dict[int, int] = {}           # cell -> its chunks shorter than a cell
+        self._mergeable: set[int] = set()          # cells where a deferred merge is possible
         self._version = 0
 
     # -- queries -------------------------------------------------------------
@@ -179,6 +199,11 @@ class ExactCover:
     @property
     def coarse_cells(self) -> frozenset[int]:
         return frozenset(self._coarse)
+
+    @property
+    def merge_pending(self) -> bool:
+        """Whether deferred plugs left chunks that :meth:`plan_merge` would merge."""
+        return bool(self._mergeable)
 
     def span_at(self, block: int) -> Span | None:
         """The span of the cover holding ``block``, or None."""
@@ -205,12 +230,38 @@ class ExactCover:
 
     # -- plans ---------------------------------------------------------------
 
-    def plan_plug(self, bits: PlugState, first: int, n: int) -> CoverPlan:
-        """Blocks ``[first, first + n)`` were unplugged and are now plugged in ``bits``."""
+    def plan_plug(self, bits: PlugState, first: int, n: int, merge: bool = True) -> CoverPlan:
+        """Blocks ``[first, first + n)`` were unplugged and are now plugged in
+        ``bits``. ``merge=False``: defer merging them with their neighbours
+        (see "Deferred merges" above) unless the limit needs it now."""
+        if not merge:
+            d = _Draft(self)
+            if not self._coarse:            # the usual case, kept short: new chunks only
+                new = list(decompose(first, n, self.levels))
+                if len(self._chunks) + len(new) <= self.limit:
+                    for start, size in new:
+                        d.added[start] = size
+                        if self._can_merge(bits, start, size):
+                            d.mergeable.add(start // self.cell_blocks)
+                    return CoverPlan((), tuple(new), False, (), (), d)
+            else:
+                self._cover_inside(bits, d, first, first + n)
+                if d.count() <= self.limit:
+                    return d.plan(bits)
         d = _Draft(self)
         self._cover_new(bits, d, first, first + n)
+        if not merge and self._mergeable:   # over the limit: merge what was deferred too
+            self._merge_mergeable(bits, d)
         self._fit(bits, d)
         self._maybe_refine(bits, d)          # a merge may have made room
+        return d.plan(bits)
+
+    def plan_merge(self, bits: PlugState) -> CoverPlan:
+        """Merge what deferred plugs left mergeable: the cover becomes the
+        maximal chunks again (the same as if every plug had merged)."""
+        d = _Draft(self)
+        self._merge_mergeable(bits, d)
+        self._maybe_refine(bits, d)
         return d.plan(bits)
 
     def plan_unplug(self, bits: PlugState, first: int, n: int) -> CoverPlan:
@@ -233,6 +284,8 @@ class ExactCover:
                 for chunk in decompose(run_first, run_n, self.levels):
                     d.add_chunk(*chunk)
             pos = start + size
+        if d.count() > self.limit and self._mergeable:    # merge what was deferred first
+            self._merge_mergeable(bits, d)
         self._fit(bits, d)
         self._maybe_refine(bits, d)
         return d.plan(bits)
@@ -244,6 +297,7 @@ class ExactCover:
             d.remove_chunk(start)
         for cell in list(self._coarse):
             d.drop_coarse(cell)
+        d.merged = True
         return d.plan(None)
 
     def commit(self, plan: CoverPlan) -> None:
@@ -259,6 +313,9 @@ class ExactCover:
         for cell in d.coarse_dropped:
             self._coarse.pop(cell, None)
         self._coarse.update(d.coarse_cost)
+        if d.merged:
+            self._mergeable.clear()
+        self._mergeable.update(d.mergeable)
         self._version += 1
 
     # -- helpers -------------------------------------------------------------
@@ -336,6 +393,50 @@ class ExactCover:
                 stop = start + size
             pos = bits.find(True, stop, end) if stop < end else -1
 
+    def _cover_inside(self, bits: PlugState, d: _Draft, first: int, end: int) -> None:
+        """Cover the new blocks ``[first, end)`` by the maximal chunks inside
+        the range (a deferred plug: no old chunk is touched); note the cells
+        where one of them could merge with its neighbours."""
+        cb = self.cell_blocks
+        pos = first
+        while pos < end:
+            cell = pos // cb
+            if d.is_coarse(cell):
+                d.set_coarse(cell, self._cell_cost(bits, cell))
+                pos = min(end, (cell + 1) * cb)
+                continue
+            stop = min(end, (cell + 1) * cb)
+            while stop < end and not d.is_coarse(stop // cb):
+                stop = min(end, stop + cb)
+            for start, size in decompose(pos, stop - pos, self.levels):
+                d.add_chunk(start, size)
+                if self._can_merge(bits, start, size, d):
+                    d.mergeable.add(start // cb)
+            pos = stop
+
+    def _can_merge(self, bits: PlugState, start: int, size: int, d: _Draft | None = None) -> bool:
+        """Whether chunk ``(start, size)`` lies in a larger allowed chunk that
+        is fully plugged and reaches into no coarse cell (checked by ``d``)."""
+        for level in self.levels:
+            bigger = 1 << level
+            if bigger > size:
+                first = start // bigger * bigger
+                return (first + bigger <= self.nb_blocks
+                        and not bits.any_in_state(first, bigger, False)
+                        and (d is None or self._free_of_coarse(d, first, bigger)))
+        return False
+
+    def _merge_mergeable(self, bits: PlugState, d: _Draft) -> None:
+        """Replace the chunks of every mergeable cell by maximal chunks (every
+        plugged block there is covered already, by the cover or by ``d``)."""
+        cb = self.cell_blocks
+        for cell in sorted(self._mergeable):
+            if d.is_coarse(cell):
+                continue
+            first, n = _cell_span(cell, cb, self.nb_blocks)
+            self._cover_new(bits, d, first, first + n, _nothing_new)
+        d.merged = True
+
     def _find_chunk(self, d: _Draft, block: int) -> Span | None:
         for level in self.levels:
             start = block >> level << level
@@ -401,6 +502,8 @@ class _Draft:
         self.coarse_dropped: set[int] = set()
         self.coarsened: list[int] = []
         self.refined: list[int] = []
+        self.mergeable: set[int] = set()           # cells a deferred plug left mergeable
+        self.merged = False                        # this plan merges every mergeable cell
 
     def chunk_at(self, start: int) -> int | None:
         size = self.added.get(start)
