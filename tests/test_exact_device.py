@@ -1,7 +1,12 @@
-"""memslots=exact in a device on real KVM: merges, splits, refusals, the budget fallback."""
+"""memslots=exact in a device on real KVM: merges, splits, refusals, the budget fallback.
+
+Most tests merge on the request path (``merge-delay=0``); the deferred ones
+run :meth:`VirtioMem.merge_memslots` themselves, as the VMM's merge thread does.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import pytest
@@ -9,6 +14,8 @@ from vmem_helpers import PLUG, UNPLUG, UNPLUG_ALL, GiB, MiB, exact_ranges, kvm_r
 
 from kvmmem.devices.virtio_mem_proto import ResponseType
 from kvmmem.memory import HostMemory
+from kvmmem.memory.address_space import MemoryListener
+from kvmmem.memory.flatview import FlatRange
 from kvmmem.vmm.machine_memory import MachineMemory
 
 pytestmark = pytest.mark.kvm
@@ -17,10 +24,103 @@ BS = 2 * MiB
 STEP = 128 * MiB // BS
 
 
-def machine_with_device(vm, size: int = 16 * GiB, **props):  # type: ignore[no-untyped-def]
+def machine_with_device(vm, size: int = 16 * GiB, merge_delay: int = 0,  # type: ignore[no-untyped-def]
+                        **props):
     machine = MachineMemory(vm, GiB, maxmem=size + 4 * GiB)
-    dev = plug_device(machine, size=size, block=BS, memslots="exact", requested_size=size, **props)
+    dev = plug_device(machine, size=size, block=BS, memslots="exact", requested_size=size,
+                      merge_delay=merge_delay, **props)
     return machine, dev
+
+
+class RefusingListener(MemoryListener):
+    """Fault injection in the memory layer (KVM stays real): refuses to map
+    a range of ``size`` bytes, as a vhost back-end out of memory would."""
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start, self.size = start, size
+
+    def region_add(self, fr: FlatRange) -> None:
+        if fr.start >= self.start and fr.size == self.size:
+            raise OSError(errno.ENOMEM, f"refusing a {fr.size:#x}-byte range")
+
+
+def test_deferred_merges_wait_for_merge_memslots(vm) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm, merge_delay=100)
+    notified: list[None] = []
+    dev.merge_notifiers.append(notified.append)
+    for k in range(7):
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    assert not dev.merges_pending and not notified          # nothing could merge yet
+    assert request(dev, PLUG, 7 * STEP, STEP).type is ResponseType.ACK
+    # the eighth 128 MiB got a memslot of its own; the 1 GiB merge waits
+    assert kvm_ranges(vm, dev) == {(dev.addr + k * 128 * MiB, 128 * MiB) for k in range(8)}
+    assert dev.merges_pending and len(notified) == 1
+    assert dev.merge_memslots() is True
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)} == exact_ranges(dev)
+    assert not dev.merges_pending and dev.merge_memslots() is False
+    assert machine.budget.reservations["vmem0"].used == 1
+    machine.close()
+
+
+def test_a_burst_merges_straight_into_the_largest_chunk(vm) -> None:  # type: ignore[no-untyped-def]
+    """64 plugs of 128 MiB, then one merge: one 8 GiB memslot, no 1 GiB one
+    made on the way (each byte's metadata allocated twice, not three times)."""
+    machine, dev = machine_with_device(vm, size=64 * GiB, merge_delay=100)   # a budget of 64
+    made: list[int] = []
+    machine.address_space.add_listener(_Recorder(dev.addr, made))
+    for k in range(64):
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    assert len(kvm_ranges(vm, dev)) == 64
+    assert dev.merge_memslots()
+    assert kvm_ranges(vm, dev) == {(dev.addr, 8 * GiB)} == exact_ranges(dev)
+    assert sorted(set(made)) == [128 * MiB, 8 * GiB] and made.count(8 * GiB) == 1
+    machine.close()
+
+
+def test_a_refused_deferred_merge_changes_nothing_and_stays_pending(vm, caplog) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm, size=64 * GiB, merge_delay=100)   # a budget of 64
+    for k in range(8):
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    before = (kvm_ranges(vm, dev), dev.policy.cover.spans(), dict(vm.memslots))
+    refusing = RefusingListener(dev.addr, GiB)
+    machine.address_space.add_listener(refusing)
+    with caplog.at_level(logging.WARNING, logger="kvmmem.devices.virtio_mem"):
+        assert dev.merge_memslots() is False
+    assert "deferred memslot merge failed, memslots left as they were" in caplog.text
+    assert (kvm_ranges(vm, dev), dev.policy.cover.spans(), dict(vm.memslots)) == before
+    assert dev.merges_pending
+    # the guest goes on: unplug a block inside, plug it back
+    assert request(dev, UNPLUG, 3, 1).type is ResponseType.ACK
+    assert request(dev, PLUG, 3, 1).type is ResponseType.ACK
+    machine.address_space.remove_listener(refusing)
+    assert dev.merge_memslots() is True
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)} == exact_ranges(dev)
+    machine.close()
+
+
+def test_a_deferred_plug_over_the_budget_merges_first(vm) -> None:  # type: ignore[no-untyped-def]
+    """4 GiB device: a budget of 4 memslots. Lazy 128 MiB chunks would need
+    more; the plug that would go over merges what was deferred instead."""
+    machine, dev = machine_with_device(vm, size=4 * GiB, merge_delay=100)
+    for k in range(4):
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    assert len(kvm_ranges(vm, dev)) == 4
+    assert request(dev, PLUG, 4 * STEP, 4 * STEP).type is ResponseType.ACK   # completes 1 GiB
+    assert kvm_ranges(vm, dev) == {(dev.addr, GiB)} == exact_ranges(dev)
+    assert not dev.merges_pending
+    assert machine.budget.reservations["vmem0"].used == 1
+    machine.close()
+
+
+class _Recorder(MemoryListener):
+    """The size of every range mapped from ``start`` on."""
+
+    def __init__(self, start: int, sizes: list[int]) -> None:
+        self.start, self.sizes = start, sizes
+
+    def region_add(self, fr: FlatRange) -> None:
+        if fr.start >= self.start:
+            self.sizes.append(fr.size)
 
 
 def test_a_refused_merge_leaves_everything_as_it_was(vm) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,10 @@ holds, and (with ``protect=block``) which blocks are guarded on the host.
 In ``exact`` mode the memslots must cover exactly the plugged blocks, each
 run cut into maximal aligned chunks of 128 MiB, 1 GiB or 8 GiB, except in
 the grid memslots the device mapped whole because its budget of 8 memslots
-would not hold the chunks.
+would not hold the chunks. With a ``merge-delay`` (deferred merges) the
+chunks may be smaller than maximal until a ``merge`` step runs the merges:
+after every step they are still aligned, fully plugged and within the
+budget, and with no merge pending they are the maximal ones.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ ops = st.one_of(
     # and the plugged blocks of a range unplugged one by one
     st.tuples(st.just("unscatter"), st.integers(min_value=0, max_value=NB - 1)),
     st.tuples(st.just("reset")),
+    # what the VMM does once the guest stopped plugging for merge-delay ms
+    st.tuples(st.just("merge")),
 )
 KINDS = {"plug": RequestType.PLUG, "unplug": RequestType.UNPLUG, "state": RequestType.STATE}
 
@@ -103,19 +108,25 @@ def kvm_handle():  # type: ignore[no-untyped-def]
         yield kvm
 
 
-@pytest.mark.parametrize("mode,protect", [("dynamic", "block"), ("dynamic", "slot"),
-                                          ("usable", "block"), ("single", "slot"),
-                                          ("exact", "slot"), ("exact", "block")])
+@pytest.mark.parametrize("mode,protect,merge_delay", [
+    ("dynamic", "block", 0), ("dynamic", "slot", 0), ("usable", "block", 0), ("single", "slot", 0),
+    ("exact", "slot", 0), ("exact", "block", 0), ("exact", "slot", 100), ("exact", "block", 100)])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(ops, max_size=25))
-def test_device_matches_the_model(kvm_handle, mode: str, protect: str, steps) -> None:  # type: ignore[no-untyped-def]
+def test_device_matches_the_model(kvm_handle, mode: str, protect: str, merge_delay: int,  # type: ignore[no-untyped-def]
+                                  steps) -> None:
     with kvm_handle.create_vm() as vm:
         machine = small_machine(vm)
-        dev = plug_device(machine, size=REGION, block=BLOCK, memslots=mode, protect=protect)
+        dev = plug_device(machine, size=REGION, block=BLOCK, memslots=mode, protect=protect,
+                          merge_delay=merge_delay)
         model = Model(mode, dev.addr)
         try:
             for step in steps:
-                if step[0] == "resize":
+                if step[0] == "merge":
+                    pending = dev.merges_pending
+                    assert dev.merge_memslots() <= pending      # nothing to merge: no change
+                    assert not dev.merges_pending
+                elif step[0] == "resize":
                     dev.set_requested_size(step[1] * BLOCK)
                     model.resize(step[1] * BLOCK)
                 elif step[0] == "reset":
@@ -163,7 +174,10 @@ def check(vm, dev, model: Model, protect: str) -> None:  # type: ignore[no-untyp
     if model.mode == "single":
         assert kvm_ranges(vm, dev) == {(dev.addr, REGION)}
     elif model.mode == "exact":
-        mapped = check_exact(vm, dev, model.plugged)
+        if dev.merges_pending:
+            mapped = check_exact_unmerged(vm, dev, model.plugged)
+        else:
+            mapped = check_exact(vm, dev, model.plugged)
     else:
         assert kvm_ranges(vm, dev) == expected_ranges(dev, mapped)
     if protect == "block" and model.mode != "single":
@@ -206,4 +220,25 @@ def check_exact(vm, dev, plugged: set[int]) -> set[int]:  # type: ignore[no-unty
             len(exact_chunks({b for b in plugged if b // PER_SLOT == c}, frozenset()))
             for c in coarse)
         assert need > LIMIT - LIMIT // 8
+    return set(coarse)
+
+
+def check_exact_unmerged(vm, dev, plugged: set[int]) -> set[int]:  # type: ignore[no-untyped-def]
+    """Merges pending: aligned chunks of an allowed size, each fully plugged
+    and outside coarse grid memslots, over exactly the plugged blocks, within
+    the budget; the coarse grid memslots."""
+    coarse = dev.policy.cover.coarse_cells
+    ranges = kvm_ranges(vm, dev)
+    assert len(ranges) <= LIMIT
+    covered: list[int] = []
+    for addr, size in ranges:
+        first, n = (addr - dev.addr) // BLOCK, size // BLOCK
+        if (addr - dev.addr) % GiB == 0 and size == GiB and first // PER_SLOT in coarse:
+            continue
+        assert n in CHUNKS and first % n == 0, (first, n)
+        blocks = range(first, first + n)
+        assert all(b in plugged and b // PER_SLOT not in coarse for b in blocks), (first, n)
+        covered.extend(blocks)
+    assert len(covered) == len(set(covered)), "two memslots overlap"
+    assert {b for b in plugged if b // PER_SLOT not in coarse} == set(covered)
     return set(coarse)

@@ -170,6 +170,15 @@ class MemslotPolicy(ABC):
         """The usable region is now ``usable_region_size`` (a ``requested-size``
         change, UNPLUG_ALL or reset, after the bitmap changed; also realize)."""
 
+    defer_merges = False
+    """Plugs leave merges to :meth:`merge` (``exact`` with a ``merge-delay``)."""
+    merge_pending = False
+    """Whether :meth:`merge` has memslots to merge (deferred merges, ``exact``)."""
+
+    def merge(self) -> MemslotChange:
+        """The deferred merges, now (``exact`` with ``merge-delay``)."""
+        return NO_CHANGE
+
     def unmap_all(self) -> MemslotChange:
         """Everything goes (the device is unrealized)."""
         return MemslotChange(tuple(sorted(self._mapped.values())), ())
@@ -278,7 +287,15 @@ class ExactPolicy(MemslotPolicy):
         self._pending: tuple[MemslotChange, CoverPlan] | None = None
 
     def plug(self, first: int, n: int) -> MemslotChange:
-        return self._propose(self.cover.plan_plug(self._bitmap, first, n))
+        return self._propose(self.cover.plan_plug(self._bitmap, first, n,
+                                                  merge=not self.defer_merges))
+
+    @property
+    def merge_pending(self) -> bool:   # type: ignore[override]
+        return self.cover.merge_pending
+
+    def merge(self) -> MemslotChange:
+        return self._propose(self.cover.plan_merge(self._bitmap))
 
     def unplug(self, first: int, n: int) -> MemslotChange:
         return self._propose(self.cover.plan_unplug(self._bitmap, first, n))

@@ -15,6 +15,12 @@ Observers subscribe to ``config_change_notifiers`` (the transport, for its
 config interrupt) and ``size_change_notifiers`` (QMP's
 MEMORY_DEVICE_SIZE_CHANGE); the memslot budget counts the device's
 memslots by listening to the memory layer, so the device reports nothing.
+
+``memslots=exact`` with a ``merge-delay`` answers a plug without merging
+its memslots with their neighbours; ``merge_notifiers`` fire after each
+such plug, and whoever runs the device calls :meth:`VirtioMem.merge_memslots`
+once ``merge-delay`` milliseconds passed without another (the kvmmem VMM
+does, from a thread of its own; see ``exact_cover``, "Deferred merges").
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class VirtioMem:
         self.memdev = props.memdev or HostMemory(props.region_size, name=f"{props.id}-memdev")
         self.config_change_notifiers: Notifier[None] = Notifier()
         self.size_change_notifiers: Notifier[int] = Notifier()
+        self.merge_notifiers: Notifier[None] = Notifier()
         self.admit_requested_size: Callable[[int], None] | None = None
         """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
@@ -122,6 +129,7 @@ class VirtioMem:
         bits = PlugBitmap(self.region_size // self.block_size)
         policy = make_policy(self.props.memslots, self.region_size, memslot_size,
                              self.block_size, bits, self.id)
+        policy.defer_merges = self.props.merge_delay > 0
         backing = VirtioMemBacking(self.memdev, policy.maps_aliases, policy.alias_name)
         protection = None
         if self.props.protect is ProtectMode.BLOCK:
@@ -270,6 +278,8 @@ class VirtioMem:
             self._release(first, n)
             raise
         self._set_plugged(bits)
+        if policy.merge_pending and self.merge_notifiers:
+            self.merge_notifiers.notify(None)
 
     def _unplug(self, first: int, n: int) -> None:
         bits, policy = self.bitmap, self.policy
@@ -332,6 +342,30 @@ class VirtioMem:
             self.protection.after_unplug(first, n)
         self.memdev.discard(first * bs, n * bs)
 
+    # -- deferred merges ----------------------------------------------------
+
+    @property
+    def merges_pending(self) -> bool:
+        """Whether plugs left memslots for :meth:`merge_memslots` to merge."""
+        return self.policy is not None and self.policy.merge_pending
+
+    def merge_memslots(self) -> bool:
+        """Merge the memslots deferred plugs left (call with the guest quiet
+        or not: vCPUs are stopped around the change as for any merge). True
+        if memslots changed; a failure is logged and changes nothing (the
+        merge stays pending)."""
+        policy = self.policy
+        if policy is None or not policy.merge_pending:
+            return False
+        try:
+            change = policy.merge()
+            self._apply(change)
+        except _HOST_FAILURES as exc:
+            log.warning("%s: deferred memslot merge failed, memslots left as they were: %s",
+                        self.id, exc)
+            return False
+        return bool(change)
+
     # -- control (QMP-like) -----------------------------------------------
 
     def set_requested_size(self, size: int) -> None:
@@ -366,7 +400,8 @@ class VirtioMem:
                 "memaddr": self.addr if self.realized else p.memaddr, "prealloc": p.prealloc,
                 "unplugged-inaccessible": p.unplugged_inaccessible,
                 "max-memslots": p.max_memslots, "memslots": p.memslots.value,
-                "protect": p.protect.value, "usable-region-size": self.usable_region_size}
+                "protect": p.protect.value, "merge-delay": p.merge_delay,
+                "usable-region-size": self.usable_region_size}
 
     # -- helpers ------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from kvmmem.memory.host import HostMemory
 
 MiB = 1 << 20
 MIN_BLOCK_SIZE = MiB
+DEFAULT_MERGE_DELAY_MS = 100
+MAX_MERGE_DELAY_MS = 3_600_000
 THP_SIZE_FILE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
 
 
@@ -58,6 +60,9 @@ class VirtioMemProps:
     max_memslots: int = 0
     memslots: MemslotMode = MemslotMode.DYNAMIC
     protect: ProtectMode = ProtectMode.SLOT
+    merge_delay: int = DEFAULT_MERGE_DELAY_MS
+    """``memslots=exact``: milliseconds without a plug before deferred merges
+    run (:meth:`VirtioMem.merge_memslots`); 0 merges on the request path."""
 
     def __post_init__(self) -> None:
         self.memslots = _enum(MemslotMode, "memslots", self.memslots)
@@ -93,6 +98,11 @@ class VirtioMemProps:
                                          f"to 'block-size' {bs:#x}")
         if not 0 <= self.node <= 0xFFFF:
             raise VirtioMemPropertyError(f"{self.id}: 'node' {self.node} is not a u16")
+        delay = self.merge_delay
+        if not isinstance(delay, int) or isinstance(delay, bool) \
+                or not 0 <= delay <= MAX_MERGE_DELAY_MS:
+            raise VirtioMemPropertyError(f"{self.id}: 'merge-delay' {delay!r} must be 0.."
+                                         f"{MAX_MERGE_DELAY_MS} milliseconds")
         if self.max_memslots < 0:
             raise VirtioMemPropertyError(f"{self.id}: 'max-memslots' must not be negative")
         if self.memslots in (MemslotMode.DYNAMIC, MemslotMode.EXACT) \

@@ -262,7 +262,7 @@ def _virtio_mem(dev: dict[str, str], backends: dict[str, HostMemory]) -> VirtioM
             props[key] = _size("-device", key, value)
         elif key in ("prealloc", "unplugged-inaccessible"):
             props[key] = _bool("-device", key, value)
-        elif key in ("node", "max-memslots"):
+        elif key in ("node", "max-memslots", "merge-delay"):
             try:
                 props[key] = int(value, 0)
             except ValueError:

@@ -73,6 +73,7 @@ _VIRTIO_MEM_TYPES = {
     "block-size": "size", "requested-size": "size", "size": "size", "max-size": "size",
     "usable-region-size": "size", "prealloc": "bool", "unplugged-inaccessible": "bool",
     "memslots": "string", "protect": "string", "max-memslots": "uint32",
+    "merge-delay": "uint32",
 }
 
 
