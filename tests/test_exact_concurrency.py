@@ -8,12 +8,17 @@ into one of 1 GiB, unplugging a block of it splits that again. Each such
 change deletes memslots the guest is using, so the vCPU must be kept out of
 guest code between the delete and the create (VcpuGate): no pattern may be
 lost or read wrong, and no access may exit as unplugged.
+
+With ``merge-delay=0`` the plug merges on the request path; with a delay
+the plug only adds its own memslot and the machine's merge thread
+(``MemslotMerger``) merges a moment later, from a thread of its own.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +37,17 @@ CYCLES = 60
 ROUND = re.compile(r"hammer round=(\d+)")
 
 
-def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
+def wait_until(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.parametrize("merge_delay", [0, 20])
+def test_merges_and_splits_under_a_running_guest(guest_elf: Path, merge_delay: int) -> None:
     rounds = threading.Semaphore(0)
 
     def on_line(line: str) -> None:
@@ -43,7 +58,8 @@ def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
     lines = serial.lines
 
     device = VirtioMemProps(id="vmem0", memdev=HostMemory(64 * GiB, "mem0"),
-                            requested_size=GUEST_PLUGGED, memslots="exact")
+                            requested_size=GUEST_PLUGGED, memslots="exact",
+                            merge_delay=merge_delay)
     machine = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest_elf),
                                     maxmem=512 * MiB + 80 * GiB, cmdline="kvmmem.hammer=1",
                                     memory_devices=[device], serial=serial))
@@ -70,6 +86,11 @@ def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
             for cycle in range(CYCLES):
                 with machine.lock:
                     assert request(dev, PLUG, *tail).type is ResponseType.ACK      # merge
+                    if merge_delay:                     # the eighth 128 MiB, unmerged
+                        assert len(kvm_ranges(machine.vm, dev)) == 8 and dev.merges_pending
+                if merge_delay:
+                    assert wait_until(lambda: not dev.merges_pending), "no deferred merge"
+                with machine.lock:
                     shapes.append(len(kvm_ranges(machine.vm, dev)))
                     assert kvm_ranges(machine.vm, dev) == exact_ranges(dev)
                     assert request(dev, UNPLUG, middle, 1).type is ResponseType.ACK  # split
@@ -103,4 +124,5 @@ def test_merges_and_splits_under_a_running_guest(guest_elf: Path) -> None:
     # every merge and every split stopped the vCPU (the unplugs of the rest delete no
     # memslot over plugged blocks but the one left of the hole)
     assert machine.gate.quiesces >= 2 * CYCLES
+    assert machine.merger.merges == (CYCLES if merge_delay else 0)
     assert int(ROUND.findall("\n".join(lines))[-1]) >= 64 * (CYCLES // 10)

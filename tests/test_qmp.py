@@ -20,6 +20,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ class GuestVm:
 
     def __init__(self, guest: Path, sock: Path, cmdline: str = "",
                  requested: int = 256 * MiB, memslots: str = "dynamic",
-                 device_size: int = 4 * GiB) -> None:
+                 device_size: int = 4 * GiB, merge_delay: int = 100) -> None:
         from kvmmem.devices.virtio_mem import VirtioMemProps
         from kvmmem.memory import HostMemory
         from kvmmem.vmm.machine import Machine, MachineConfig
@@ -133,7 +134,8 @@ class GuestVm:
         self.lines: queue.Queue[str] = queue.Queue()
         self._serial = SerialLines(self.lines.put)
         device = VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                requested_size=requested, memslots=memslots)
+                                requested_size=requested, memslots=memslots,
+                                merge_delay=merge_delay)
         self.machine = Machine(MachineConfig(ram_size=512 * MiB, kernel=str(guest),
                                              maxmem=512 * MiB + device_size + 4 * GiB,
                                              cmdline=cmdline,
@@ -274,19 +276,24 @@ def test_qemu_qmp_resizes_a_running_guest_and_sees_matching_sizes(guest_elf, tmp
 
 
 @pytest.mark.kvm
-def test_exact_memslots_over_qmp(guest_elf, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("merge_delay", [0, 100])
+def test_exact_memslots_over_qmp(guest_elf, tmp_path, merge_delay: int) -> None:  # type: ignore[no-untyped-def]
     """memslots=exact: the property, x-query-memslots and info mtree show
     memslots over exactly what the guest plugged, merged and split as it
-    grows and shrinks (a 64 GiB device: its budget of 64 memslots holds)."""
+    grows and shrinks (a 64 GiB device: its budget of 64 memslots holds).
+    With a merge-delay the merges come a moment after the guest's last
+    plug: x-query-memslots shows them once they did."""
     qmp_lib = importlib.import_module("qemu.qmp")
     with GuestVm(guest_elf, tmp_path / "qmp.sock", requested=640 * MiB, memslots="exact",
-                 device_size=64 * GiB) as vm:
+                 device_size=64 * GiB, merge_delay=merge_delay) as vm:
 
         async def scenario() -> None:
             qmp = qmp_lib.QMPClient("kvmmem-test")
             await qmp.connect(str(vm.sock))
             vm.thread.start()
             assert await qmp.execute("qom-get", {"path": DEVICE, "property": "memslots"}) == "exact"
+            assert await qmp.execute("qom-get", {"path": DEVICE,
+                                                 "property": "merge-delay"}) == merge_delay
             seen: list[dict[str, Any]] = []
             for requested, sizes in ((640 * MiB, [128 * MiB] * 5), (GiB, [GiB]),
                                      (1152 * MiB, [GiB, 128 * MiB]), (384 * MiB, [128 * MiB] * 3)):
@@ -296,6 +303,11 @@ def test_exact_memslots_over_qmp(guest_elf, tmp_path) -> None:  # type: ignore[n
                 await _events_until(qmp, _reached(requested), seen)
                 assert vm.wait_reached() == requested
                 slots = [s for s in await qmp.execute("x-query-memslots") if s.get("device")]
+                deadline = time.monotonic() + TIMEOUT
+                while merge_delay and [s["size"] for s in slots] != sizes \
+                        and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                    slots = [s for s in await qmp.execute("x-query-memslots") if s.get("device")]
                 assert [s["size"] for s in slots] == sizes
                 assert sum(sizes) == requested and slots[0]["start"] == vm.dev.addr
                 assert all(b["start"] == a["start"] + a["size"] for a, b in zip(slots, slots[1:]))
@@ -305,6 +317,8 @@ def test_exact_memslots_over_qmp(guest_elf, tmp_path) -> None:  # type: ignore[n
                                                      "property": "mapped-memslots"}) == len(sizes)
                 tree = await qmp.execute("human-monitor-command", {"command-line": "info mtree"})
                 assert tree.count(": alias virtio-mem-memslot-") == len(sizes)
+            # 640 MiB -> 1 GiB and 1 GiB -> 1152 MiB: one deferred merge, by the merge thread
+            assert vm.machine.merger.merges == (1 if merge_delay else 0)
             await qmp.execute("quit")
             await qmp.disconnect()
 

@@ -29,6 +29,7 @@ from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 from kvmmem.virtio.mmio import VirtioMmioTransport
 from kvmmem.vmm import boot, fatal_exits
 from kvmmem.vmm.machine_memory import MachineMemory
+from kvmmem.vmm.memslot_merger import MemslotMerger
 from kvmmem.vmm.serial import Serial16550
 from kvmmem.vmm.unplugged import UnpluggedAccess, UnpluggedAccessLog
 from kvmmem.vmm.vcpu_gate import VcpuGate
@@ -128,6 +129,8 @@ class Machine:
         self._run_thread: int | None = None
         self.gate = VcpuGate(lambda: self.vcpu.kick())
         """Other threads stop the vCPU through it to replace memslots under plugged memory."""
+        self.merger = MemslotMerger(self.lock)
+        """Runs the memslot merges memslots=exact defers (the devices' merge-delay)."""
         _install_kick_handler()
         # vhost-user back-ends first, so that the memory devices' memslot counts
         # respect their limits; their virtio-mmio windows come after the memory devices'.
@@ -146,6 +149,7 @@ class Machine:
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
         dev.quiesce = self.gate.quiesced
+        self.merger.watch(dev)
         self.memory.plug(dev)
         transport = VirtioMmioTransport(dev, self.guest_memory, self.vm, gsi, base=base,
                                         name=f"virtio-mmio-{props.id}")
@@ -389,6 +393,7 @@ class Machine:
 
     def close(self) -> None:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
+        self.merger.close()
         for transport in self.transports:
             transport.close()
         self.vhost.close()
