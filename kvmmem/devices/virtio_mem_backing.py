@@ -29,8 +29,16 @@ class VirtioMemBacking:
         self.ram = MemoryRegion.ram(host.name, host)
         self.top = MemoryRegion.container(CONTAINER_NAME, host.size) if aliases else self.ram
         self._alias_name = alias_name
-        # By (offset, size): tuple keys hash in C, on every request.
+        # The mapped aliases by (offset, size): tuple keys hash in C, on every
+        # request. An alias is dropped once unmapped: memslots=exact maps
+        # spans of ever new sizes and offsets, and keeping them all would
+        # grow without bound over a long-running guest's plugs.
         self._aliases: dict[tuple[int, int], MemoryRegion] = {}
+
+    @property
+    def nb_aliases(self) -> int:
+        """Alias regions held (the mapped ones, and those of a failed remap)."""
+        return len(self._aliases)
 
     def alias(self, span: MemslotSpan) -> MemoryRegion:
         """The (possibly not yet mapped) alias of ``span``."""
@@ -51,7 +59,9 @@ class VirtioMemBacking:
         top, aliases = self.top, self._aliases
         if len(unmap) + len(map) == 1:          # one mutation is its own transaction
             if unmap:
-                top.del_subregion(aliases[unmap[0].offset, unmap[0].size])
+                key = (unmap[0].offset, unmap[0].size)
+                top.del_subregion(aliases[key])
+                del aliases[key]
             else:
                 span = map[0]
                 top.add_subregion(span.offset,
@@ -63,3 +73,5 @@ class VirtioMemBacking:
             for span in map:
                 top.add_subregion(span.offset,
                                   aliases.get((span.offset, span.size)) or self.alias(span))
+        for span in unmap:                      # only once the transaction held
+            del aliases[span.offset, span.size]
