@@ -66,7 +66,6 @@ memslot leaves the cover as it was.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 Span = tuple[int, int]
@@ -152,22 +151,22 @@ def _cell_span(cell: int, cell_blocks: int, nb_blocks: int) -> Span:
     return first, min(cell_blocks, nb_blocks - first)
 
 
-@dataclass(frozen=True)
 class CoverPlan:
     """The memslot changes of one step: delete first, then create.
 
     ``replaces_plugged``: a deleted span still holds blocks that stay plugged
     (a merge, a split, a coarsening), so the guest must not run between the
     delete and the create. ``coarsened`` and ``refined`` are the cells that
-    became coarse or returned to exact coverage.
+    became coarse or returned to exact coverage. (A plain class with slots:
+    one is made on every request.)
     """
 
-    delete: tuple[Span, ...]
-    create: tuple[Span, ...]
-    replaces_plugged: bool
-    coarsened: tuple[int, ...]
-    refined: tuple[int, ...]
-    _draft: _Draft
+    __slots__ = ("delete", "create", "replaces_plugged", "coarsened", "refined", "_draft")
+
+    def __init__(self, delete: tuple[Span, ...], create: tuple[Span, ...], replaces_plugged: bool,
+                 coarsened: tuple[int, ...], refined: tuple[int, ...], draft: _Draft) -> None:
+        self.delete, self.create, self.replaces_plugged = delete, create, replaces_plugged
+        self.coarsened, self.refined, self._draft = coarsened, refined, draft
 
 
 class ExactCover:
