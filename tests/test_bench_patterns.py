@@ -63,3 +63,15 @@ def test_the_merges_are_reported_beside_the_request_time() -> None:
     targets = {t: (m, ok) for t, m, ok in pattern_targets(cs)}
     assert targets["(for the record) with the deferred merges: exact / dynamic"] == \
         ("300 us vs 110 us = 2.73x", True)
+
+
+def test_request_times_are_compared_run_by_run() -> None:
+    """Runs alternate between the modes: a slow second run slows both, and
+    the per-run ratios (2.0, 1.88, 2.1) have a median of 2.0 where the
+    medians alone (210 / 100) would say 2.1."""
+    cs = cases(15 * MIB, 8, 0.0)
+    cs[4].request_us = [100.0, 160.0, 100.0]
+    cs[5].request_us = [200.0, 300.0, 210.0]
+    (measured, ok), = [(m, ok) for t, m, ok in pattern_targets(cs) if t.startswith("host time")]
+    assert measured == "210 us vs 100 us; median of per-run ratios 2.00x, runs 1.88-2.10x"
+    assert ok

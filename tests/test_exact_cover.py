@@ -167,6 +167,23 @@ def test_deferred_linux_steps_merge_once_into_8_gib() -> None:
     assert dev.merge_now().create == ()                  # nothing left to merge
 
 
+def test_a_deferred_merge_can_go_one_group_at_a_time() -> None:
+    """16 GiB plugged without merging: two groups of eight 1 GiB cells; one
+    group per plan, lowest first, until nothing is pending."""
+    dev = Device(TiB, merge=False)
+    for k in range(128):
+        dev.plug(k * STEP, STEP)
+    eight_gib = 8 * GiB // BLOCK
+    dev.cover.commit(plan := dev.cover.plan_merge(dev.bits, one_group=True))
+    dev.spans = (dev.spans - set(plan.delete)) | set(plan.create)
+    assert plan.create == ((0, eight_gib),) and len(plan.delete) == 64
+    assert dev.cover.merge_pending
+    dev.check_unmerged()
+    plan = dev.merge_now()                   # the rest at once
+    assert plan.create == ((eight_gib, eight_gib),)
+    dev.check()
+
+
 def test_a_deferred_merge_after_a_hole_merges_around_it() -> None:
     dev = Device(TiB, merge=False)
     for k in range(8):

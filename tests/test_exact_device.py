@@ -78,6 +78,19 @@ def test_a_burst_merges_straight_into_the_largest_chunk(vm) -> None:  # type: ig
     machine.close()
 
 
+def test_merges_one_group_at_a_time(vm) -> None:  # type: ignore[no-untyped-def]
+    machine, dev = machine_with_device(vm, size=256 * GiB, merge_delay=100)  # a budget of 256
+    for k in range(128):                                    # 16 GiB in 128 MiB steps
+        assert request(dev, PLUG, k * STEP, STEP).type is ResponseType.ACK
+    assert dev.merge_memslots(one_group=True) is True
+    assert (dev.addr, 8 * GiB) in kvm_ranges(vm, dev) and len(kvm_ranges(vm, dev)) == 1 + 64
+    assert dev.merges_pending
+    assert dev.merge_memslots(one_group=True) is True
+    assert kvm_ranges(vm, dev) == {(dev.addr, 8 * GiB), (dev.addr + 8 * GiB, 8 * GiB)}
+    assert not dev.merges_pending and dev.merge_memslots(one_group=True) is False
+    machine.close()
+
+
 def test_a_refused_deferred_merge_changes_nothing_and_stays_pending(vm, caplog) -> None:  # type: ignore[no-untyped-def]
     machine, dev = machine_with_device(vm, size=64 * GiB, merge_delay=100)   # a budget of 64
     for k in range(8):

@@ -246,6 +246,9 @@ class ExactCover:
             else:
                 self._cover_inside(bits, d, first, first + n)
                 if d.count() <= self.limit:
+                    # a plug that completes chunks inside a coarse cell lowers
+                    # what exact coverage would need: maybe back to exact
+                    self._maybe_refine(bits, d)
                     return d.plan(bits)
         d = _Draft(self)
         self._cover_new(bits, d, first, first + n)
@@ -255,11 +258,14 @@ class ExactCover:
         self._maybe_refine(bits, d)          # a merge may have made room
         return d.plan(bits)
 
-    def plan_merge(self, bits: PlugState) -> CoverPlan:
+    def plan_merge(self, bits: PlugState, one_group: bool = False) -> CoverPlan:
         """Merge what deferred plugs left mergeable: the cover becomes the
-        maximal chunks again (the same as if every plug had merged)."""
+        maximal chunks again (the same as if every plug had merged).
+        ``one_group``: only the lowest group of cells one largest chunk spans
+        (8 GiB with 1 GiB cells), so that the guest, stopped while memslots
+        over plugged memory are replaced, waits for one group at a time."""
         d = _Draft(self)
-        self._merge_mergeable(bits, d)
+        self._merge_mergeable(bits, d, one_group)
         self._maybe_refine(bits, d)
         return d.plan(bits)
 
@@ -296,7 +302,7 @@ class ExactCover:
             d.remove_chunk(start)
         for cell in list(self._coarse):
             d.drop_coarse(cell)
-        d.merged = True
+        d.merged = set(self._mergeable)
         return d.plan(None)
 
     def commit(self, plan: CoverPlan) -> None:
@@ -312,8 +318,7 @@ class ExactCover:
         for cell in d.coarse_dropped:
             self._coarse.pop(cell, None)
         self._coarse.update(d.coarse_cost)
-        if d.merged:
-            self._mergeable.clear()
+        self._mergeable -= d.merged
         self._mergeable.update(d.mergeable)
         self._version += 1
 
@@ -425,16 +430,21 @@ class ExactCover:
                         and (d is None or self._free_of_coarse(d, first, bigger)))
         return False
 
-    def _merge_mergeable(self, bits: PlugState, d: _Draft) -> None:
-        """Replace the chunks of every mergeable cell by maximal chunks (every
-        plugged block there is covered already, by the cover or by ``d``)."""
+    def _merge_mergeable(self, bits: PlugState, d: _Draft, one_group: bool = False) -> None:
+        """Replace the chunks of every mergeable cell (or of the lowest group's,
+        see :meth:`plan_merge`) by maximal chunks (every plugged block there
+        is covered already, by the cover or by ``d``)."""
         cb = self.cell_blocks
-        for cell in sorted(self._mergeable):
+        cells = sorted(self._mergeable)
+        if one_group and cells:
+            group = max(1, (1 << self.levels[-1]) // cb)      # cells of the largest chunk
+            cells = [c for c in cells if c // group == cells[0] // group]
+        for cell in cells:
             if d.is_coarse(cell):
                 continue
             first, n = _cell_span(cell, cb, self.nb_blocks)
             self._cover_new(bits, d, first, first + n, _nothing_new)
-        d.merged = True
+        d.merged.update(cells)
 
     def _find_chunk(self, d: _Draft, block: int) -> Span | None:
         for level in self.levels:
@@ -502,7 +512,7 @@ class _Draft:
         self.coarsened: list[int] = []
         self.refined: list[int] = []
         self.mergeable: set[int] = set()           # cells a deferred plug left mergeable
-        self.merged = False                        # this plan merges every mergeable cell
+        self.merged: set[int] = set()              # mergeable cells this plan merges
 
     def chunk_at(self, start: int) -> int | None:
         size = self.added.get(start)

@@ -175,8 +175,9 @@ class MemslotPolicy(ABC):
     merge_pending = False
     """Whether :meth:`merge` has memslots to merge (deferred merges, ``exact``)."""
 
-    def merge(self) -> MemslotChange:
-        """The deferred merges, now (``exact`` with ``merge-delay``)."""
+    def merge(self, one_group: bool = False) -> MemslotChange:
+        """The deferred merges, now (``exact`` with ``merge-delay``; see
+        :meth:`ExactCover.plan_merge` for ``one_group``)."""
         return NO_CHANGE
 
     def unmap_all(self) -> MemslotChange:
@@ -294,8 +295,8 @@ class ExactPolicy(MemslotPolicy):
     def merge_pending(self) -> bool:   # type: ignore[override]
         return self.cover.merge_pending
 
-    def merge(self) -> MemslotChange:
-        return self._propose(self.cover.plan_merge(self._bitmap))
+    def merge(self, one_group: bool = False) -> MemslotChange:
+        return self._propose(self.cover.plan_merge(self._bitmap, one_group))
 
     def unplug(self, first: int, n: int) -> MemslotChange:
         return self._propose(self.cover.plan_unplug(self._bitmap, first, n))

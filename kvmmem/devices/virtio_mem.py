@@ -349,22 +349,23 @@ class VirtioMem:
         """Whether plugs left memslots for :meth:`merge_memslots` to merge."""
         return self.policy is not None and self.policy.merge_pending
 
-    def merge_memslots(self) -> bool:
+    def merge_memslots(self, one_group: bool = False) -> bool:
         """Merge the memslots deferred plugs left (call with the guest quiet
-        or not: vCPUs are stopped around the change as for any merge). True
-        if memslots changed; a failure is logged and changes nothing (the
-        merge stays pending)."""
+        or not: vCPUs are stopped around the change as for any merge);
+        ``one_group``: only those of the lowest group of grid memslots one
+        largest memslot spans (8 GiB with 1 GiB memslots), so that vCPUs stop
+        for one group at a time. True if merges were pending and done; a
+        failure is logged and changes nothing (the merges stay pending)."""
         policy = self.policy
         if policy is None or not policy.merge_pending:
             return False
         try:
-            change = policy.merge()
-            self._apply(change)
+            self._apply(policy.merge(one_group))
         except _HOST_FAILURES as exc:
             log.warning("%s: deferred memslot merge failed, memslots left as they were: %s",
                         self.id, exc)
             return False
-        return bool(change)
+        return True
 
     # -- control (QMP-like) -----------------------------------------------
 

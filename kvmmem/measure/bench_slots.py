@@ -464,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the plug patterns in dynamic and exact mode, beside their floor")
     parser.add_argument("--only-patterns", action="store_true",
                         help="only the plug patterns (with --device-size)")
-    parser.add_argument("--pattern-runs", type=int, default=3,
-                        help="runs of each pattern for the request times (default 3)")
+    parser.add_argument("--pattern-runs", type=int, default=7,
+                        help="runs of each pattern for the request times, alternating "
+                             "between the modes (default 7)")
     parser.add_argument("--baseline-runs", type=int, default=5, help="runs of the VM without device")
     parser.add_argument("--overhead-memslots", default="0,1000",
                         help="measure a memslot change through kvmmem against the bare ioctl among "
