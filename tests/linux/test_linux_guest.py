@@ -111,7 +111,11 @@ class Session:
         infos = {d["data"]["id"]: d["data"] for d in guest.cmd("query-memory-devices")}
         for d, s in sizes.items():
             assert (infos[d]["size"], infos[d]["requested-size"]) == (s, s), infos[d]
-            assert self.memslots(d) == self.expected_memslots(d, infos[d]), d
+            expected = self.expected_memslots(d, infos[d])
+            # memslots=exact merges merge-delay ms after the driver's last plug
+            guest.wait_for(f"{d}'s memslots to be {sorted(expected)}",
+                           lambda d=d, expected=expected: self.memslots(d) == expected,
+                           STEP_TIMEOUT)
         assert not [e for e in guest.events if e["event"] == "X_KVMMEM_UNPLUGGED_ACCESS"]
         return report
 
