@@ -52,6 +52,22 @@ def test_every_memslot_mode_is_an_option(mode: str) -> None:
     cfg.memory_devices[0].memdev.close()  # type: ignore[union-attr]
 
 
+def test_merge_delay_is_an_option_of_milliseconds() -> None:
+    cfg = config("-m", "1G,maxmem=9G", "-object", "memory-backend-ram,id=m,size=8G",
+                 "-device", "virtio-mem,id=v,memdev=m,memslots=exact,merge-delay=0x10")
+    assert cfg.memory_devices[0].merge_delay == 16
+    cfg.memory_devices[0].memdev.close()  # type: ignore[union-attr]
+    default = config("-m", "1G,maxmem=9G", "-device", "virtio-mem,id=v,size=1G").memory_devices[0]
+    assert default.merge_delay == 100
+    default.memdev.close()  # type: ignore[union-attr]
+    for bad, why in (("soon", "merge-delay='soon' is not a number"),
+                     ("-1", "'merge-delay' -1 must be 0..3600000 milliseconds"),
+                     ("3600001", "'merge-delay' 3600001 must be 0..3600000 milliseconds")):
+        with pytest.raises(OptionError) as info:
+            config("-m", "1G,maxmem=9G", "-device", f"virtio-mem,id=v,size=1G,merge-delay={bad}")
+        assert info.value.option == "-device" and why in str(info.value), str(info.value)
+
+
 def test_bare_sizes_count_as_qemu_counts_them() -> None:
     # QEMU: -m 512 is 512 MiB, maxmem and property sizes are bytes
     assert config("-m", "0.5").ram_size == 512 << 10
