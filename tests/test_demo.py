@@ -43,14 +43,17 @@ def test_demo_replays_the_seed_in_usable_mode_and_dynamic_counterpart() -> None:
 @pytest.mark.kvm
 def test_demo_with_the_test_guest_as_driver() -> None:
     lines: list[str] = []
-    run_demo(modes=("usable", "dynamic"), size=16 * GiB, requested=(2 * GiB, 3 * GiB, GiB),
-             ram=512 * MiB, maxmem=24 * GiB, say=lines.append)
+    run_demo(modes=("usable", "dynamic", "exact"), size=16 * GiB,
+             requested=(2 * GiB, 3 * GiB, GiB), ram=512 * MiB, maxmem=24 * GiB, say=lines.append)
     text = "\n".join(lines)
-    assert text.count("driven by the test guest under KVM") == 2
+    assert text.count("driven by the test guest under KVM") == 3
     usable, dynamic = text.split("== memslots=dynamic")
+    dynamic, exact = dynamic.split("== memslots=exact")
     assert [int(n) for n in re.findall(r"memslots: (\d+) of the device", usable)] == [0, 3, 4, 2]
     assert [int(n) for n in re.findall(r"memslots: (\d+) of the device", dynamic)] == [0, 2, 3, 1]
-    assert re.findall(r"plugged (\S+) \|", text) == ["0", "2G", "3G", "1G"] * 2
+    # contiguous whole GiBs: exact's chunks are dynamic's memslots, once merged
+    assert [int(n) for n in re.findall(r"memslots: (\d+) of the device", exact)] == [0, 2, 3, 1]
+    assert re.findall(r"plugged (\S+) \|", text) == ["0", "2G", "3G", "1G"] * 3
 
 
 @pytest.mark.kvm

@@ -108,6 +108,10 @@ class GuestDriver:
     def wait(self, timeout: float = 300) -> None:
         if not self._settled.acquire(timeout=timeout):
             raise TimeoutError("the guest did not reach requested-size in time")
+        # memslots=exact: the machine merges merge-delay ms after the last plug
+        deadline = time.monotonic() + timeout
+        while self.dev.merges_pending and time.monotonic() < deadline:
+            time.sleep(0.01)
         _progress("")
 
     def resize(self, size: int, reboot: bool) -> None:
@@ -145,6 +149,7 @@ class HostSideDriver:
             self.memory.system_reset()
             self.driver.reboot()
             self.driver.sync()
+        self.dev.merge_memslots()       # what the VMM's merge thread does once plugs stop
 
     def close(self) -> None:
         self.memory.close()
