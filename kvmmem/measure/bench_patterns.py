@@ -74,6 +74,7 @@ class PatternCase:
     hole_ms: list[float] | None = None
     merge_ms: list[float] | None = None     # the deferred merges after the last request
     memslots_before_merge: int | None = None
+    kernel_bytes_before_merge: int | None = None
     error: str | None = None
 
     @property
@@ -126,14 +127,15 @@ def device_pattern(backend: kmem.KmemBackend, mode: str, pattern: str,
                                        requested_size=span))
         machine.plug(dev)
         times = [_send(dev, RequestType.PLUG, offset, size) for offset, size in requests]
-        before_merge = dev.nb_memslots
+        before_merge, kernel_before_merge = dev.nb_memslots, _own_kernel_bytes(backend)
         # what the VMM does once the guest stopped plugging for merge-delay ms
         t0 = time.perf_counter()
         dev.merge_memslots()
         merge_s = time.perf_counter() - t0
         out: dict[str, Any] = {"kernel_raw": _own_kernel_bytes(backend), "memslots": dev.nb_memslots,
                                "request_s": statistics.fmean(times), "requests": len(times),
-                               "merge_s": merge_s, "memslots_before_merge": before_merge}
+                               "merge_s": merge_s, "memslots_before_merge": before_merge,
+                               "kernel_raw_before_merge": kernel_before_merge}
         if pattern == "linux":
             middle = 32 * GIB + 16 * MIB          # a block inside a 128 MiB step, mid-run
             out["hole_s"] = _send(dev, RequestType.UNPLUG, middle, BLOCK)
@@ -203,6 +205,9 @@ def _measure_case(case: PatternCase, backend: kmem.KmemBackend, baseline: float,
         case.kernel_bytes = int(r["kernel_raw"] - m.baseline_bytes - baseline)
         case.memslots, case.requests = r["memslots"], r["requests"]
         case.memslots_before_merge = r.get("memslots_before_merge")
+        if "kernel_raw_before_merge" in r:
+            case.kernel_bytes_before_merge = int(r["kernel_raw_before_merge"] - m.baseline_bytes
+                                                 - baseline)
     if "request_s" in r:
         case.request_us.append(r["request_s"] * 1e6)          # type: ignore[union-attr]
         case.merge_ms.append(r["merge_s"] * 1e3)              # type: ignore[union-attr]
@@ -221,7 +226,7 @@ def format_patterns(cases: list[PatternCase], device_size: int) -> str:
     rows = [f"### Plug patterns, {device_size // GIB} GiB device, 2 MiB blocks",
             "",
             "| pattern | mode | requests | memslots (before the deferred merge) "
-            "| kernel metadata MiB | / floor | host us per request (median of runs) "
+            "| kernel metadata MiB (before the merge) | / floor | host us per request (median of runs) "
             "| deferred merge ms | us per request with the merge "
             "| unplug the middle block: memslots, ms |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,12 +240,13 @@ def format_patterns(cases: list[PatternCase], device_size: int) -> str:
         us = c.request_us_median
         runs = "" if not c.request_us else " (" + ", ".join(f"{u:.0f}" for u in c.request_us) + ")"
         hole = (f"{c.hole_memslots}, {c.hole_ms_median:.1f} ms" if c.hole_ms_median is not None else "")
-        slots = str(c.memslots)
+        slots, mib = str(c.memslots), f"{(c.kernel_bytes or 0) / MIB:.1f}"
         if c.memslots_before_merge not in (None, c.memslots):
             slots += f" ({c.memslots_before_merge})"
+            if c.kernel_bytes_before_merge is not None:
+                mib += f" ({c.kernel_bytes_before_merge / MIB:.1f})"
         merge, total = c.merge_ms_median, c.total_us_median
-        rows.append(f"| {c.pattern} | {c.mode} | {c.requests} | {slots} | "
-                    f"{(c.kernel_bytes or 0) / MIB:.1f} | {ratio} | "
+        rows.append(f"| {c.pattern} | {c.mode} | {c.requests} | {slots} | {mib} | {ratio} | "
                     f"{'-' if us is None else f'{us:.0f}'}{runs} | "
                     f"{'-' if merge is None else f'{merge:.1f}'} | "
                     f"{'-' if total is None else f'{total:.0f}'} | {hole} |")
