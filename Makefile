@@ -29,12 +29,13 @@ $(EXT): $(STAMP) $(CDEFS)
 demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
-# Static checks first (config in pyproject.toml), then the suite; the Linux
-# tests (marker `linux`) are left to `make test-linux`.
+# Static checks first (config in pyproject.toml), then the suite on both
+# cores (pytest-xdist: serially it takes about 2 minutes); the Linux tests
+# (marker `linux`) are left to `make test-linux`.
 test: $(EXT) $(GUEST_ELF)
 	$(PY) -m ruff check
 	$(PY) -m mypy --strict kvmmem
-	$(PY) -m pytest -q -m "not linux"
+	$(PY) -m pytest -q -n 2 -m "not linux"
 
 # The Linux test kernel (issue 11): built once, then reused from ~/.cache/kvmmem/linux.
 linux-guest:
