@@ -181,3 +181,14 @@ def test_overhead_measurement_runs_among_other_memslots() -> None:
     assert min(o.device_change_s, o.vm_change_s, o.ioctl_change_s, o.memory_change_s or 0) > 0
     table = bench_overhead.format_overheads([o])
     assert "among 3 memslots" in table and table.count("\n") == 5
+
+
+def test_qemu_is_reported_measured_or_why_not() -> None:
+    run = make_run([case("dynamic", 0, 0)])
+    run.qemu = {"version": None, "command": "qemu-system-x86_64", "kernel_bytes": None,
+                "error": "qemu-system-x86_64 is not installed"}
+    assert "\nQEMU: not measured: qemu-system-x86_64 is not installed\n" in bs.format_report(run)
+    run.qemu = {"version": "7.2.22", "command": "qemu-system-x86_64 -S", "kernel_bytes": 12 * MiB,
+                "baseline_bytes": 2 * MiB}
+    assert ("\nQEMU 7.2.22, `qemu-system-x86_64 -S`: 12.0 MiB kernel memory with the device, "
+            "2.0 MiB without (difference 10.0 MiB)\n") in bs.format_report(run)

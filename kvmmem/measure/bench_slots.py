@@ -339,11 +339,13 @@ def format_report(run: Run) -> str:
         parts += ["", format_overheads(run.overheads)]
     if run.qemu:
         q = run.qemu
-        parts += ["", f"QEMU {q['version']}, `{q['command']}`: "
-                  + (f"{_mib(q['kernel_bytes'])} MiB kernel memory with the device, "
-                     f"{_mib(q['baseline_bytes'])} MiB without (difference "
-                     f"{_mib(q['kernel_bytes'] - q['baseline_bytes'])} MiB)"
-                     if q.get("kernel_bytes") is not None else f"not measured: {q.get('error')}")]
+        if q.get("kernel_bytes") is not None:
+            parts += ["", f"QEMU {q['version']}, `{q['command']}`: "
+                      f"{_mib(q['kernel_bytes'])} MiB kernel memory with the device, "
+                      f"{_mib(q['baseline_bytes'])} MiB without (difference "
+                      f"{_mib(q['kernel_bytes'] - q['baseline_bytes'])} MiB)"]
+        else:
+            parts += ["", f"QEMU: not measured: {q.get('error')}"]
     parts += ["", format_targets(evaluate_targets(run))]
     if run.patterns:
         parts += ["", format_patterns(run.patterns, run.device_size)]
