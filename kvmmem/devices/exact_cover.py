@@ -44,23 +44,26 @@ plug and one unplug at the limit do not flip cells back and forth).
 
 A plug or an unplug changes only chunks around the touched blocks: those it
 merges or splits (the maximal chunks containing the touched blocks, and the
-old chunks inside them).
+old chunks inside them). A plan is computed first and applied with
+:meth:`ExactCover.commit` only once the memslots are in place, so a refused
+memslot leaves the cover as it was.
 
 **Deferred merges.** Merging is what makes ``exact`` cost more host time per
 request than ``dynamic``: KVM allocates a memslot's metadata afresh on every
-create, so a byte that is first in a 128 MiB chunk, then a 1 GiB one, then
-an 8 GiB one has its metadata allocated three times (each memslot change
-also synchronizes KVM's SRCU). ``plan_plug(..., merge=False)`` covers only
-the new blocks, by the maximal chunks *inside* the plugged range, and
-remembers the cells where a merge is now possible; :meth:`plan_merge` later
-turns every such cell into its maximal chunks in one plan. Run when the
-guest has stopped plugging, a burst of 64 plugs of 128 MiB becomes one
-8 GiB memslot directly, each byte allocated twice. Every plan keeps the
+create (that allocation, not the ioctl's fixed part, is most of its cost),
+so a byte that is first in a 128 MiB chunk, then in a 1 GiB one, then in an
+8 GiB one has its metadata allocated three times, and a request makes two
+memslot changes. ``plan_plug(..., merge=False)`` covers only the new blocks,
+by the maximal chunks *inside* the plugged range (one memslot for a 128 MiB
+request), and remembers the cells where a merge has become possible;
+:meth:`plan_merge` later turns those cells into their maximal chunks, all
+at once or one group of cells (one largest chunk's worth) per plan. Run
+when the guest has stopped plugging, a burst of 64 plugs of 128 MiB becomes
+one 8 GiB memslot directly: each byte allocated twice. Every plan keeps the
 cover exact (no chunk over an unplugged block); only the number of memslots
-is above the minimum until the merge. A deferred plug that would go over
-``limit`` merges everything pending (and coarsens if still needed) instead. A plan is computed first and applied with
-:meth:`ExactCover.commit` only once the memslots are in place, so a refused
-memslot leaves the cover as it was.
+is above the minimum until the merge. A deferred plug or an unplug that
+would go over ``limit`` merges everything pending first (and coarsens only
+if that is not enough).
 """
 
 from __future__ import annotations
