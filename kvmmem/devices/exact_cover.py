@@ -238,21 +238,15 @@ class ExactCover:
         (see "Deferred merges" above) unless the limit needs it now."""
         if not merge:
             d = _Draft(self)
-            if not self._coarse:            # the usual case, kept short: new chunks only
-                new = list(decompose(first, n, self.levels))
-                if len(self._chunks) + len(new) <= self.limit:
-                    for start, size in new:
-                        d.added[start] = size
-                        if self._can_merge(bits, start, size):
-                            d.mergeable.add(start // self.cell_blocks)
-                    return CoverPlan((), tuple(new), False, (), (), d)
-            else:
-                self._cover_inside(bits, d, first, first + n)
-                if d.count() <= self.limit:
-                    # a plug that completes chunks inside a coarse cell lowers
-                    # what exact coverage would need: maybe back to exact
-                    self._maybe_refine(bits, d)
-                    return d.plan(bits)
+            self._cover_inside(bits, d, first, first + n)
+            if not self._coarse and len(self._chunks) + len(d.added) <= self.limit:
+                # the usual case: new chunks only, nothing deleted (no d.plan needed)
+                return CoverPlan((), tuple(sorted(d.added.items())), False, (), (), d)
+            if d.count() <= self.limit:
+                # a plug that completes chunks inside a coarse cell lowers
+                # what exact coverage would need: maybe back to exact
+                self._maybe_refine(bits, d)
+                return d.plan(bits)
         d = _Draft(self)
         self._cover_new(bits, d, first, first + n)
         if not merge and self._mergeable:   # over the limit: merge what was deferred too
@@ -421,16 +415,16 @@ class ExactCover:
                     d.mergeable.add(start // cb)
             pos = stop
 
-    def _can_merge(self, bits: PlugState, start: int, size: int, d: _Draft | None = None) -> bool:
+    def _can_merge(self, bits: PlugState, start: int, size: int, d: _Draft) -> bool:
         """Whether chunk ``(start, size)`` lies in a larger allowed chunk that
-        is fully plugged and reaches into no coarse cell (checked by ``d``)."""
+        is fully plugged and reaches into no coarse cell (as ``d`` has them)."""
         for level in self.levels:
             bigger = 1 << level
             if bigger > size:
                 first = start // bigger * bigger
                 return (first + bigger <= self.nb_blocks
                         and not bits.any_in_state(first, bigger, False)
-                        and (d is None or self._free_of_coarse(d, first, bigger)))
+                        and self._free_of_coarse(d, first, bigger))
         return False
 
     def _merge_mergeable(self, bits: PlugState, d: _Draft, one_group: bool = False) -> None:

@@ -172,8 +172,10 @@ class MemslotPolicy(ABC):
 
     defer_merges = False
     """Plugs leave merges to :meth:`merge` (``exact`` with a ``merge-delay``)."""
-    merge_pending = False
-    """Whether :meth:`merge` has memslots to merge (deferred merges, ``exact``)."""
+    @property
+    def merge_pending(self) -> bool:
+        """Whether :meth:`merge` has memslots to merge (deferred merges, ``exact``)."""
+        return False
 
     def merge(self, one_group: bool = False) -> MemslotChange:
         """The deferred merges, now (``exact`` with ``merge-delay``; see
@@ -292,7 +294,7 @@ class ExactPolicy(MemslotPolicy):
                                                   merge=not self.defer_merges))
 
     @property
-    def merge_pending(self) -> bool:   # type: ignore[override]
+    def merge_pending(self) -> bool:
         return self.cover.merge_pending
 
     def merge(self, one_group: bool = False) -> MemslotChange:
