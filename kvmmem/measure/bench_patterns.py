@@ -29,7 +29,7 @@ from typing import Any
 from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMem, VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response, ResponseType
-from kvmmem.kvm import Kvm
+from kvmmem.kvm import Kvm, Vm
 from kvmmem.measure import kmem
 from kvmmem.memory import HostMemory
 from kvmmem.vmm.machine_memory import MachineMemory
@@ -114,18 +114,30 @@ def _own_kernel_bytes(backend: kmem.KmemBackend) -> int:
     return kmem.MemCgroup(backend.cgroup_dir_of(), backend).kernel_bytes()
 
 
+def pattern_machine(vm: Vm, device_size: int) -> MachineMemory:
+    """The machine every pattern case runs on (the baseline, the floor, the devices)."""
+    return MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
+
+
+def pattern_device(machine: MachineMemory, mode: str, pattern: str,
+                   device_size: int) -> VirtioMem:
+    """A fresh device plugged into ``machine``, its requested-size spanning
+    every request of ``pattern`` so that the usable region reaches them all."""
+    span = max(offset + size for offset, size in pattern_requests(pattern))
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
+                                   block_size=BLOCK, memslots=MemslotMode(mode),
+                                   requested_size=span))
+    machine.plug(dev)
+    return dev
+
+
 def device_pattern(backend: kmem.KmemBackend, mode: str, pattern: str,
                    device_size: int) -> Iterator[dict[str, Any]]:
     """The pattern's requests into a fresh device; the charge; the linux hole."""
     requests = pattern_requests(pattern)
-    # requested-size spans every request, so that the usable region reaches them all
-    span = max(offset + size for offset, size in requests)
     with Kvm() as kvm, kvm.create_vm() as vm:
-        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
-        dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(device_size, "mem0"),
-                                       block_size=BLOCK, memslots=MemslotMode(mode),
-                                       requested_size=span))
-        machine.plug(dev)
+        machine = pattern_machine(vm, device_size)
+        dev = pattern_device(machine, mode, pattern, device_size)
         times = [_send(dev, RequestType.PLUG, offset, size) for offset, size in requests]
         before_merge, kernel_before_merge = dev.nb_memslots, _own_kernel_bytes(backend)
         # what the VMM does once the guest stopped plugging for merge-delay ms
@@ -148,7 +160,7 @@ def device_pattern(backend: kmem.KmemBackend, mode: str, pattern: str,
 def floor_pattern(backend: kmem.KmemBackend, pattern: str, device_size: int) -> Iterator[dict[str, Any]]:
     """The floor: the machine and the fewest exact memslots as bare memslots."""
     with Kvm() as kvm, kvm.create_vm() as vm:
-        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
+        machine = pattern_machine(vm, device_size)
         host = HostMemory(device_size, "floor")
         base = machine.layout.device_memory.start if machine.layout.device_memory else 1 << 40
         slots = floor_memslots(pattern)
@@ -161,7 +173,7 @@ def floor_pattern(backend: kmem.KmemBackend, pattern: str, device_size: int) -> 
 
 def baseline_vm(device_size: int) -> Iterator[None]:
     with Kvm() as kvm, kvm.create_vm() as vm:
-        machine = MachineMemory(vm, BOOT_RAM, maxmem=device_size + 2 * GIB)
+        machine = pattern_machine(vm, device_size)
         yield None
         machine.close()
 
