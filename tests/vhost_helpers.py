@@ -74,16 +74,24 @@ def is_listening(path: str) -> bool:
     return False
 
 
-def start_backend(directory: Path, name: str = "disk", size: int = 64 * MiB) -> Backend:
-    """Start the daemon the way the README does and wait until its socket listens."""
+def start_backend(directory: Path, name: str = "disk", size: int = 64 * MiB,
+                  bps: int = 0) -> Backend:
+    """Start the daemon the way the README does and wait until its socket listens;
+    ``bps`` > 0 puts the disk behind a throttle group of that many bytes a second,
+    so that a large request stays in flight (QEMU's ``throttle`` block driver)."""
     qsd = need_qsd()
     image = directory / f"{name}.img"
     with open(image, "wb") as f:
         f.truncate(size)
     sock = str(directory / f"{name}.sock")
+    node, throttle = "f", []
+    if bps:
+        node = "t"
+        throttle = ["--object", f"throttle-group,id=tg,x-bps-total={bps}",
+                    "--blockdev", "driver=throttle,node-name=t,throttle-group=tg,file=f"]
     proc = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=f,filename={image}",
-         "--export", (f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
+        [qsd, "--blockdev", f"driver=file,node-name=f,filename={image}", *throttle,
+         "--export", (f"type=vhost-user-blk,id=e,node-name={node},addr.type=unix,"
                       f"addr.path={sock},writable=on")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not is_listening(sock):
@@ -154,25 +162,42 @@ class HostBlkDriver:
     def submit(self, kind: int, sector: int, buf_gpa: int, length: int,
                timeout: float = 20.0) -> int:
         """One request of three descriptors; returns the status byte the back-end wrote."""
+        return self.finish(self.begin(kind, sector, buf_gpa, length), timeout)
+
+    def begin(self, kind: int, sector: int, buf_gpa: int, length: int) -> int:
+        """Make one request available and kick; returns its ticket for :meth:`finish`.
+        At most two may be in flight (descriptors 0-2 and 3-5)."""
         slot = self.avail_idx % self.QUEUE
         hdr = self.headers + slot * 32
         status = hdr + 16
         self.mem.write(hdr, struct.pack("<IIQ", kind, 0, sector))
         self.mem.write(status, b"\xee")
-        head = 0                       # one request in flight: descriptors 0-2 each time
+        head = 3 * (self.avail_idx % 2)
         data_flags = 1 | (2 if kind == VIRTIO_BLK_T_IN else 0)
-        self.mem.write(self.desc + 0, struct.pack("<QIHH", hdr, 16, 1, 1))
-        self.mem.write(self.desc + 16, struct.pack("<QIHH", buf_gpa, length, data_flags, 2))
-        self.mem.write(self.desc + 32, struct.pack("<QIHH", status, 1, 2, 0))
+        self.mem.write(self.desc + 16 * head, struct.pack("<QIHH", hdr, 16, 1, head + 1))
+        self.mem.write(self.desc + 16 * (head + 1),
+                       struct.pack("<QIHH", buf_gpa, length, data_flags, head + 2))
+        self.mem.write(self.desc + 16 * (head + 2), struct.pack("<QIHH", status, 1, 2, 0))
         self.mem.write(self.avail + 4 + 2 * slot, struct.pack("<H", head))
         self.avail_idx += 1
         self.mem.write(self.avail + 2, struct.pack("<H", self.avail_idx & 0xFFFF))
         fd = self.t.notify_fd
         assert fd is not None
         os.eventfd_write(fd, 1)        # what KVM does on the guest's QueueNotify write
+        return self.avail_idx
+
+    def used_idx(self) -> int:
+        return int(struct.unpack("<H", self.mem.read(self.used + 2, 2))[0])
+
+    def done(self, ticket: int) -> bool:
+        """Whether the request behind ``ticket`` (and every earlier one) completed."""
+        return (self.used_idx() - ticket) & 0xFFFF < 0x8000
+
+    def finish(self, ticket: int, timeout: float = 20.0) -> int:
+        """Wait for the request behind ``ticket``; its status byte."""
         deadline = time.monotonic() + timeout
-        while struct.unpack("<H", self.mem.read(self.used + 2, 2))[0] != self.avail_idx & 0xFFFF:
+        while not self.done(ticket):
             if time.monotonic() > deadline:
                 raise TimeoutError("the back-end did not complete the request")
             time.sleep(0.001)
-        return self.mem.read(status, 1)[0]
+        return self.mem.read(self.headers + (ticket - 1) % self.QUEUE * 32 + 16, 1)[0]

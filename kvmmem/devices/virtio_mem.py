@@ -89,9 +89,10 @@ class VirtioMem:
         self.policy: MemslotPolicy | None = None
         self.protection: BlockProtection | None = None
         self.quiesce: Callable[[], AbstractContextManager[object]] = nullcontext
-        """Stops the vCPUs for a memslot change that deletes a memslot over
-        plugged blocks (KVM cannot replace one atomically); the machine that
-        runs vCPUs installs it, a no-op where none run."""
+        """Stops every consumer of guest memory (vCPUs, vhost-user back-ends)
+        for a memslot change that deletes a memslot over plugged blocks (no
+        consumer can replace one atomically): the machine memory that plugs
+        the device installs its address space's ``quiesced``."""
 
     # -- life cycle (machine side) -----------------------------------------
 
@@ -322,7 +323,8 @@ class VirtioMem:
         if protection is not None:
             protection.before_map(change.map)
         # A merge or split (memslots=exact) deletes a memslot the guest may be
-        # using and creates its replacement: no vCPU may run in between.
+        # using and creates its replacement: no consumer (vCPU, vhost-user
+        # back-end) may touch the memory in between.
         stop = self.quiesce() if change.unmap and policy.deletes_plugged(change) else nullcontext()
         try:
             with stop:

@@ -17,6 +17,8 @@ with the number of ranges.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 from kvmmem.memory.flatview import FlatRange, FlatView, diff, render, simplify
 from kvmmem.memory.incremental import Placement, update_view
@@ -62,6 +64,18 @@ class MemoryListener:
 
     def commit(self) -> None:
         """The update is complete."""
+
+    def quiesced(self) -> AbstractContextManager[object]:
+        """Inside this block the consumer behind the listener does not touch
+        guest memory. Entered (through :meth:`AddressSpace.quiesced`) around a
+        commit that removes or replaces a range over memory the guest is using:
+        no consumer has an atomic replace (KVM's ``api.rst`` on
+        ``KVM_SET_USER_MEMORY_REGION``; vhost-user's REM_MEM_REG / ADD_MEM_REG),
+        so whoever may be reading or writing the range must stop first. KVM
+        stops its vCPUs, a vhost-user back-end finishes its requests and stops
+        its rings; a consumer with nothing in flight needs nothing (default).
+        Raising refuses the change (nothing has changed yet)."""
+        return nullcontext()
 
 
 _space_ids = itertools.count()
@@ -112,6 +126,18 @@ class AddressSpace:
             assert host is not None
             host.write(fr.region.host_offset + offset,
                        (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Every listener's :meth:`MemoryListener.quiesced`, entered in the order
+        the listeners were attached (KVM's first: its vCPUs stop before a
+        back-end's rings are drained, so no new request can arrive meanwhile)
+        and left in reverse. The one rule for every memory consumer: a range
+        over live guest data is removed or moved only inside this block."""
+        with ExitStack() as stack:
+            for listener in list(self.listeners):
+                stack.enter_context(listener.quiesced())
+            yield
 
     def add_listener(self, listener: MemoryListener) -> None:
         """Attach ``listener`` and replay the current view to it as additions."""

@@ -9,6 +9,8 @@ never reported, mapping one more unmergeable alias costs one ioctl.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,13 @@ class KvmMemoryListener(MemoryListener):
         # Slots freed in the current bracket, so that an undo re-creates a
         # range under its old id (a rollback leaves KVM exactly as it was).
         self._freed: dict[FlatRange, int] = {}
+        self.pause_vcpus: Callable[[], AbstractContextManager[object]] = nullcontext
+        """What keeps the VM's vCPUs out of guest code (QEMU's ``pause_all_vcpus``):
+        the machine that runs them installs its gate; no-op where none run."""
+
+    def quiesced(self) -> AbstractContextManager[object]:
+        """KVM's side of a memslot replacement: no vCPU runs meanwhile."""
+        return self.pause_vcpus()
 
     def begin(self) -> None:
         self._freed.clear()

@@ -125,6 +125,7 @@ class VhostBackends:
                     f"({listener.limit}) is less than current number of used ({used}) and "
                     f"reserved ({reserved}) memory slots for memory devices")
             device = VhostUserBlk(props, frontend, memory.address_space)
+            listener.quiesce_queues = device.quiesced
             memory.address_space.add_listener(listener)
             backend = VhostBackend(props, frontend, listener, device)
             try:

@@ -9,7 +9,11 @@ without it the whole table is sent again with SET_MEM_TABLE at the end of
 each update that changed it (at most 8 regions). The memory layer never
 merges virtio-mem's unmergeable memslot aliases, so plugging a block maps
 one region and never remaps a neighbour (QEMU's "vhost: Don't merge
-unmergeable memory sections").
+unmergeable memory sections"). Where a memslot over plugged memory is
+replaced (``memslots=exact``'s merges, splits and coarsening) the address
+space's ``quiesced`` comes first: :meth:`VhostMemoryListener.quiesced` lets
+the back-end finish its requests and stops its rings, so no request is in
+flight when its mapping goes.
 
 Only shared memory can be handed over: a RAM range whose host memory has no
 memfd is refused with :class:`VhostUserError` (the commit then rolls back),
@@ -22,6 +26,8 @@ tracks nothing, and the VM's memory goes on without it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from kvmmem.memory import PAGE_SIZE, FlatRange, MemoryListener, RegionKind
@@ -56,6 +62,9 @@ class VhostMemoryListener(MemoryListener):
         self.incremental = frontend.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)
         self._regions: dict[int, tuple[FlatRange, MirroredRegion]] = {}
         self._table_changed = False
+        self.quiesce_queues: Callable[[], AbstractContextManager[object]] = nullcontext
+        """Stops the back-end's rings with nothing in flight (the device installs
+        ``VhostUserBlk.quiesced``)."""
         frontend.on_disconnect.append(self._backend_gone)
 
     def _backend_gone(self, reason: str) -> None:
@@ -76,6 +85,13 @@ class VhostMemoryListener(MemoryListener):
         return [entry[1] for _, entry in sorted(self._regions.items())]
 
     # -- the listener protocol --------------------------------------------------
+
+    def quiesced(self) -> AbstractContextManager[object]:
+        """Before a range over live data is removed or replaced: the back-end's
+        requests finish and its rings stop (see ``VhostUserBlk.quiesced``)."""
+        if not self.frontend.connected:
+            return nullcontext()
+        return self.quiesce_queues()
 
     def begin(self) -> None:
         self._table_changed = False

@@ -43,11 +43,15 @@ device memory through ``memory-backend-memfd`` or ``memory-backend-ram,share=on`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvmmem.devices.notifier import Notifier
-from kvmmem.memory import AddressSpace
+from kvmmem.memory import AddressSpace, UnassignedAccessError
 from kvmmem.vhost.frontend import BackendGone, VhostUserError, VhostUserFrontend
 from kvmmem.vhost.messages import (
     F_PROTOCOL_FEATURES,
@@ -78,6 +82,7 @@ BLK_CONFIG_SIZE = 60              # struct virtio_blk_config up to write_zeroes_
 WRITEBACK_OFFSET = 32             # virtio_blk_config.wce
 QUEUE_SIZE = 128                  # QEMU's vhost-user-blk queue-size default
 VIRTIO_BLK_F_CONFIG_WCE = 11
+DRAIN_TIMEOUT = 30.0              # seconds a memslot change waits for requests in flight
 
 SUPPORTED_FEATURES = (sum(1 << bit for bit in (1, 2, 4, 5, 6, 9, 10, 11, 13, 14, 28, 29))
                       | 1 << VIRTIO_F_VERSION_1)
@@ -104,6 +109,22 @@ class VhostUserBlkProps:
                              "a power of two in 1..1024")
 
 
+@dataclass(frozen=True)
+class _Ring:
+    """A ring the back-end serves: what restarting it needs, and where its indices are."""
+
+    index: int
+    num: int
+    desc: int                     # guest-physical addresses, as the driver programmed them
+    avail: int
+    used: int
+
+    def in_flight(self, space: AddressSpace) -> int:
+        """Requests the driver made available that the device has not completed:
+        ``avail->idx - used->idx`` (VIRTIO 1.2, 2.7.6 and 2.7.8), modulo 2^16."""
+        return (space.read(self.avail + 2, 2) - space.read(self.used + 2, 2)) & 0xFFFF
+
+
 class VhostUserBlk:
     """A virtio-blk device served by a connected vhost-user back-end (a VirtioDevice)."""
 
@@ -121,6 +142,11 @@ class VhostUserBlk:
         """The transport's observer; nothing notifies (no back-end config-change channel)."""
         self.started = False
         self._acked = 0
+        self._rings: list[_Ring] = []
+        self._fds: tuple[int, int] = (-1, -1)          # kick, call
+        self.drain_timeout = DRAIN_TIMEOUT
+        self.pauses: deque[float] = deque(maxlen=4096)
+        """Seconds the back-end was stopped for each memslot change (most recent last)."""
         if not frontend.has(ProtocolFeature.CONFIG):
             raise VhostUserError(f"vhost-user-blk '{self.id}': the back-end does not offer the "
                                  "CONFIG protocol feature, which vhost-user-blk requires")
@@ -178,15 +204,18 @@ class VhostUserBlk:
         if not self.started:
             return
         self.started = False
+        # Requests in flight finish first: a back-end told GET_VRING_BASE while
+        # it still works on one may complete it into a ring it no longer owns
+        # (qemu-storage-daemon 7.2 then panics writing the closed call fd).
         try:
-            for index in range(len(self.queue_max_sizes)):
-                if self._protocol_features_acked():
-                    self.frontend.request(Request.SET_VRING_ENABLE, pack_vring_state(index, 0))
-                answer = self.frontend.request(Request.GET_VRING_BASE, pack_vring_state(index, 0))
-                assert answer is not None
-                unpack_vring_state(answer)
+            self._wait_idle()
+        except VhostUserError as exc:
+            log.error("vhost-user-blk '%s': reset: %s; stopping the back-end anyway", self.id, exc)
+        try:
+            self._stop_rings()
         except BackendGone as exc:
             log.error("vhost-user-blk '%s': stopping the back-end: %s", self.id, exc)
+        self._rings = []
 
     # -- starting the back-end ---------------------------------------------------
 
@@ -197,22 +226,118 @@ class VhostUserBlk:
             features |= 1 << F_PROTOCOL_FEATURES
         # Every ring address is translated before anything is sent, so a bad
         # ring leaves the back-end untouched.
-        rings = [(index, queue, VringAddr(
-            index, desc=self._host_address(queue.desc, 16 * queue.num, "descriptor table"),
-            used=self._host_address(queue.device, 6 + 8 * queue.num, "used ring"),
-            avail=self._host_address(queue.driver, 6 + 2 * queue.num, "available ring")))
-            for index, queue in enumerate(queues) if queue.ready]
-        request = self.frontend.request
-        request(Request.SET_FEATURES, pack_u64(features))
-        for index, queue, addr in rings:
-            request(Request.SET_VRING_NUM, pack_vring_state(index, queue.num))
-            request(Request.SET_VRING_BASE, pack_vring_state(index, 0))
-            request(Request.SET_VRING_ADDR, addr.pack())
-            request(Request.SET_VRING_KICK, pack_u64(index), [kick_fd])
-            request(Request.SET_VRING_CALL, pack_u64(index), [call_fd])
-            if self._protocol_features_acked():
-                request(Request.SET_VRING_ENABLE, pack_vring_state(index, 1))
+        rings = [_Ring(index, queue.num, queue.desc, queue.driver, queue.device)
+                 for index, queue in enumerate(queues) if queue.ready]
+        addrs = [self._vring_addr(ring) for ring in rings]
+        self.frontend.request(Request.SET_FEATURES, pack_u64(features))
+        self._rings, self._fds = rings, (kick_fd, call_fd)
+        self._start_rings(addrs, [0] * len(rings))
         self.started = True
+
+    def _vring_addr(self, ring: _Ring) -> VringAddr:
+        return VringAddr(ring.index,
+                         desc=self._host_address(ring.desc, 16 * ring.num, "descriptor table"),
+                         used=self._host_address(ring.used, 6 + 8 * ring.num, "used ring"),
+                         avail=self._host_address(ring.avail, 6 + 2 * ring.num, "available ring"))
+
+    def _start_rings(self, addrs: list[VringAddr], bases: list[int]) -> None:
+        """QEMU's ``vhost_virtqueue_start`` for each ring: size, base, addresses, fds, enable."""
+        request = self.frontend.request
+        kick_fd, call_fd = self._fds
+        for ring, addr, base in zip(self._rings, addrs, bases, strict=True):
+            request(Request.SET_VRING_NUM, pack_vring_state(ring.index, ring.num))
+            request(Request.SET_VRING_BASE, pack_vring_state(ring.index, base))
+            request(Request.SET_VRING_ADDR, addr.pack())
+            request(Request.SET_VRING_KICK, pack_u64(ring.index), [kick_fd])
+            request(Request.SET_VRING_CALL, pack_u64(ring.index), [call_fd])
+            if self._protocol_features_acked():
+                request(Request.SET_VRING_ENABLE, pack_vring_state(ring.index, 1))
+
+    def _stop_rings(self) -> list[int]:
+        """QEMU's ``vhost_virtqueue_stop``: disable, then GET_VRING_BASE (the next
+        available index the back-end would have read); the bases, by ring."""
+        bases = []
+        for ring in self._rings:
+            if self._protocol_features_acked():
+                self.frontend.request(Request.SET_VRING_ENABLE, pack_vring_state(ring.index, 0))
+            answer = self.frontend.request(Request.GET_VRING_BASE, pack_vring_state(ring.index, 0))
+            assert answer is not None
+            bases.append(unpack_vring_state(answer)[1])
+        return bases
+
+    # -- memslot changes under a running back-end ---------------------------------
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """The back-end touches no guest memory inside this block (the vhost-user
+        side of :meth:`AddressSpace.quiesced`; the vCPUs are stopped already).
+
+        A request the back-end is working on holds pointers into its own
+        mappings of guest memory, and REM_MEM_REG unmaps them under it: the
+        I/O then fails (EFAULT) or, once ADD_MEM_REG maps something else there,
+        reads or writes the wrong memory. So, as QEMU's ``vhost_dev_stop`` /
+        ``vhost_dev_start`` around a memory change: kick the ring (a request the
+        guest made available just before it was stopped), wait until every
+        available request is used (``in_flight``), stop the rings, let the
+        memory change happen, restart them at the base the back-end reported,
+        with their addresses translated again. A back-end that does not finish
+        within ``drain_timeout`` refuses the change (VhostUserError, nothing
+        changed); one that has gone needs nothing."""
+        if not self.started or not self.frontend.connected:
+            yield
+            return
+        began = time.monotonic()
+        self._wait_idle()
+        try:
+            bases = self._stop_rings()
+        except BackendGone:
+            yield
+            return
+        except VhostUserError:
+            self._restart(None)
+            raise
+        try:
+            yield
+        finally:
+            self._restart(bases)
+            self.pauses.append(time.monotonic() - began)
+
+    def _restart(self, bases: list[int] | None) -> None:
+        """Start the rings again after a memory change (``bases`` None: at the
+        indices the used rings show, after a stop that did not complete)."""
+        try:
+            if bases is None:
+                bases = [self.address_space.read(r.used + 2, 2) for r in self._rings]
+            self._start_rings([self._vring_addr(r) for r in self._rings], bases)
+        except BackendGone:
+            return
+        except (VhostUserError, UnassignedAccessError) as exc:
+            log.error("vhost-user-blk '%s': restarting the back-end after a memory change "
+                      "failed, the device needs a reset: %s", self.id, exc)
+            self.needs_reset = True
+
+    def _wait_idle(self) -> None:
+        """Until the back-end has completed every request the driver made available."""
+        if not self._rings:
+            return
+        kick_fd = self._fds[0]
+        if kick_fd >= 0:
+            os.eventfd_write(kick_fd, 1)    # what the guest's QueueNotify would do
+        deadline = time.monotonic() + self.drain_timeout
+        delay = 50e-6
+        while self.frontend.connected:
+            try:
+                busy = sum(ring.in_flight(self.address_space) for ring in self._rings)
+            except UnassignedAccessError as exc:
+                raise VhostUserError(f"vhost-user-blk '{self.id}': a ring is not in guest "
+                                     f"memory any more: {exc}") from None
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise VhostUserError(f"vhost-user-blk '{self.id}': {busy} request(s) still in "
+                                     f"flight after {self.drain_timeout:g} s")
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
 
     def _protocol_features_acked(self) -> bool:
         return bool(self.frontend.features >> F_PROTOCOL_FEATURES & 1)

@@ -129,6 +129,7 @@ class Machine:
         self._run_thread: int | None = None
         self.gate = VcpuGate(lambda: self.vcpu.kick())
         """Other threads stop the vCPU through it to replace memslots under plugged memory."""
+        self.memory.kvm_listener.pause_vcpus = self.gate.quiesced
         self.merger = MemslotMerger(self.lock)
         """Runs the memslot merges memslots=exact defers (the devices' merge-delay)."""
         _install_kick_handler()
@@ -148,7 +149,6 @@ class Machine:
 
     def _add_virtio_mem(self, props: VirtioMemProps, base: int, gsi: int) -> None:
         dev = VirtioMem(props)
-        dev.quiesce = self.gate.quiesced
         self.merger.watch(dev)
         self.memory.plug(dev)
         transport = VirtioMmioTransport(dev, self.guest_memory, self.vm, gsi, base=base,
@@ -355,17 +355,20 @@ class Machine:
         self.reset()
 
     def reset(self) -> None:
-        """System reset: memory devices unplug everything, transports and
-        UART reset, the kernel is loaded again from the image read at start
-        and the vCPU restarted. The boot plan is computed before anything
+        """System reset: transports reset (vhost-user back-ends stopped once
+        their requests finished), memory devices unplug everything, the UART
+        resets, the kernel is loaded again from the image read at start and
+        the vCPU restarted. The boot plan is computed before anything
         changes, so a reset that cannot load the kernel changes nothing."""
         plan = self._boot_plan()
         self.resets += 1
         stopped_on_error, self.internal_error = self.internal_error, None
         self._restore_cpu_and_irqchip(self._power_on_state)
-        self.memory.system_reset()
+        # Devices first: a vhost-user back-end finishes its requests and stops
+        # (QEMU's vhost_dev_stop) before the memory it uses is unplugged.
         for transport in self.transports:
             transport.reset()
+        self.memory.system_reset()
         self.serial.reset()
         self.layout = boot.apply_boot(self.vcpu, self._ram_writer(), plan)
         if stopped_on_error is not None:      # QEMU leaves internal-error on reset

@@ -109,6 +109,9 @@ class MachineMemory:
             dev.unbind()
             raise
         self.devices[dev.id] = dev
+        # A memslot replaced under plugged memory stops every consumer of
+        # the address space (vCPUs, vhost-user back-ends), not only KVM's.
+        dev.quiesce = self.address_space.quiesced
         dev.admit_requested_size = lambda size, d=dev: self._admit(
             d, d.memslot_size, size, f"requested-size {size:#x}")
 
