@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "virtio": {"memory", "kvm"},
     "vhost": {"memory", "kvm", "virtio", "devices"},
     "vmm": {"kvmmem", "units", "kvm", "memory", "devices", "virtio", "vhost"},
-    "measure": {"units", "kvm", "memory", "devices", "virtio", "vmm"},
+    "measure": {"units", "kvm", "memory", "devices", "virtio", "vhost", "vmm"},
     "__main__": {"units", "kvm", "vmm", "measure"},
 }
 
