@@ -32,6 +32,11 @@
  *                           the first through the virtio-blk device (id 2),
  *                           read it back into the second, check, unplug both;
  *                           then exit 0 (see virtio_blk.c)
+ *   kvmmem.blk_inflight=N   N rounds of: plug eight blocks, write 512 KiB from
+ *                           the fourth and, while the write is in flight,
+ *                           unplug the seventh; plug it again and read the
+ *                           data back into the second while unplugging the
+ *                           seventh again; check; then exit 0 (virtio_blk.c)
  *
  * Output lines:
  *   kvmmem-guest: cmdline "<command line>"
@@ -42,6 +47,7 @@
  *   read 0x<addr> = 0x<value>                  (read_unplugged)
  *   malformed <how>: <answer> status=0x<status>
  *   virtio-blk: ... / blk round <r>: ... ok / blk: <N> rounds done  (kvmmem.blk)
+ *   blk inflight round <r>: sector <S> ok / blk inflight: <N> rounds done  (kvmmem.blk_inflight)
  *   hammer round=<n> / hammer mismatch at 0x<addr>: 0x<value> round=<n>  (kvmmem.hammer)
  *   waiting for a config change
  *   pattern mismatch at 0x<addr>: 0x<value> / busy / error ... / no virtio-mmio device
@@ -282,11 +288,13 @@ void __attribute__((noreturn)) guest_main(const u8 *zero_page)
 	if (how)
 		mem_send_malformed(how, c.addr);
 	u64 rounds = arg_num(cmdline, "kvmmem.blk=", 0);
-	if (rounds) {
-		if (!blk_base)
-			fail("no virtio-blk device");
+	u64 inflight = arg_num(cmdline, "kvmmem.blk_inflight=", 0);
+	if ((rounds || inflight) && !blk_base)
+		fail("no virtio-blk device");
+	if (rounds)
 		blk_rounds(blk_base, rounds);
-	}
+	if (inflight)
+		blk_inflight(blk_base, inflight);
 	mem_hammer = arg_num(cmdline, "kvmmem.hammer=", 0) != 0;
 	mem_follow_requested_size(arg_num(cmdline, "kvmmem.read_unplugged=", 0) != 0,
 				  arg_num(cmdline, "kvmmem.reset=", 0) != 0, steps_left);

@@ -92,6 +92,9 @@ u64 virtio_init(struct virtq *q, u64 base, u64 wanted);
 /* Make the chain starting at desc[head] available, notify, and wait for the
  * device to use it: 0 when used, -1 on DEVICE_NEEDS_RESET. */
 int virtq_run(struct virtq *q, u16 head);
+/* The two halves of virtq_run, for a driver that works while a request is in flight. */
+void virtq_post(struct virtq *q, u16 head);
+int virtq_wait(struct virtq *q);
 static inline u32 cfg32(const struct virtq *q, u32 off) { return rd32(q->base + VM_CONFIG + off); }
 /* 64-bit config fields are read as two 32-bit halves, as virtio-mmio asks */
 static inline u64 cfg64(const struct virtq *q, u32 off) { return cfg32(q, off) | (u64)cfg32(q, off + 4) << 32; }
@@ -113,5 +116,6 @@ void irq_handler(void);
 /* -- virtio_blk.c ------------------------------------------------------------ */
 
 __attribute__((noreturn)) void blk_rounds(u64 base, u64 rounds);
+__attribute__((noreturn)) void blk_inflight(u64 base, u64 rounds);
 
 #endif

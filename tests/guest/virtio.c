@@ -53,20 +53,25 @@ u64 virtio_init(struct virtq *q, u64 base, u64 wanted)
 /* Give up on a device after about 2^37 TSC cycles (tens of seconds). */
 #define TIMEOUT_TSC (1UL << 37)
 
-/*
- * Post the chain and poll the used ring. A device served in the VMM has
- * answered by the time the notify write returns; one served by another
- * process (vhost-user) answers a little later, so the loop spins on the ring
- * in memory and only every 256th turn reads Status (an exit to the VMM) to
- * see DEVICE_NEEDS_RESET, and the TSC for the timeout.
- */
-int virtq_run(struct virtq *q, u16 head)
+/* Make the chain at desc[head] available and notify the device. */
+void virtq_post(struct virtq *q, u16 head)
 {
 	q->avail.ring[q->avail.idx % q->size] = head;
 	barrier();
 	q->avail.idx++;
 	barrier();
 	wr32(q->base + VM_QUEUE_NOTIFY, 0);
+}
+
+/*
+ * Poll the used ring for the next completion. A device served in the VMM
+ * has answered by the time the notify write returns; one served by another
+ * process (vhost-user) answers a little later, so the loop spins on the ring
+ * in memory and only every 256th turn reads Status (an exit to the VMM) to
+ * see DEVICE_NEEDS_RESET, and the TSC for the timeout.
+ */
+int virtq_wait(struct virtq *q)
+{
 	u64 start = 0;
 	for (u32 spins = 0;; spins++) {
 		if (*(volatile u16 *)&q->used.idx != q->last_used) {
@@ -84,4 +89,10 @@ int virtq_run(struct virtq *q, u16 head)
 		}
 		__asm__ volatile("pause");
 	}
+}
+
+int virtq_run(struct virtq *q, u16 head)
+{
+	virtq_post(q, head);
+	return virtq_wait(q);
 }

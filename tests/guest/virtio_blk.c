@@ -39,17 +39,30 @@ static struct virtq q;
 static struct blk_hdr hdr;
 static volatile u8 status;
 
-/* One request of IO_SIZE bytes at sector from/to buf; the status byte. */
-static u8 blk_io(u32 type, u64 sector, u64 buf)
+/* Post one request of size bytes at sector from/to buf (descriptors 0-2). */
+static void blk_post(u32 type, u64 sector, u64 buf, u32 size)
 {
 	hdr = (struct blk_hdr){ type, 0, sector };
 	q.desc[0] = (struct desc){ (u64)&hdr, sizeof(hdr), D_NEXT, 1 };
-	q.desc[1] = (struct desc){ buf, IO_SIZE, D_NEXT | (type == T_IN ? D_WRITE : 0), 2 };
+	q.desc[1] = (struct desc){ buf, size, D_NEXT | (type == T_IN ? D_WRITE : 0), 2 };
 	q.desc[2] = (struct desc){ (u64)&status, 1, D_WRITE, 0 };
 	status = 0xff;
-	if (virtq_run(&q, 0))
+	virtq_post(&q, 0);
+}
+
+/* Wait for the posted request; its status byte. */
+static u8 blk_wait(void)
+{
+	if (virtq_wait(&q))
 		fail("error: virtio-blk device needs reset");
 	return status;
+}
+
+/* One request of IO_SIZE bytes at sector from/to buf; the status byte. */
+static u8 blk_io(u32 type, u64 sector, u64 buf)
+{
+	blk_post(type, sector, buf, IO_SIZE);
+	return blk_wait();
 }
 
 static void mem_block(u16 type, u64 addr)
@@ -62,16 +75,25 @@ static void mem_block(u16 type, u64 addr)
 	}
 }
 
-static void fill(u64 buf, u64 disk_offset, u64 invert)
+static void fill_n(u64 buf, u64 disk_offset, u64 invert, u64 size)
 {
-	for (u64 i = 0; i < IO_SIZE; i += 8)
+	for (u64 i = 0; i < size; i += 8)
 		wr64(buf + i, (disk_offset + i) ^ BLK_KEY ^ invert);
 }
 
-void blk_rounds(u64 base, u64 rounds)
+static void fill(u64 buf, u64 disk_offset, u64 invert) { fill_n(buf, disk_offset, invert, IO_SIZE); }
+
+/* The first word of buf that does not hold the pattern of disk_offset, or 0. */
+static u64 mismatch(u64 buf, u64 disk_offset, u64 size)
 {
-	/* BLK_SIZE is accepted only to read blk_size (5.2.4: the field is
-	 * there with the feature); RO is never accepted, and refused below. */
+	for (u64 i = 0; i < size; i += 8)
+		if (rd64(buf + i) != ((disk_offset + i) ^ BLK_KEY))
+			return buf + i;
+	return 0;
+}
+
+static void blk_setup(u64 base, u64 sectors_needed, struct mem_config *c)
+{
 	u64 features = virtio_init(&q, base, F_BLK_SIZE);
 	u64 capacity = cfg64(&q, 0);
 	u32 blk_size = features & F_BLK_SIZE ? cfg32(&q, 20) : 512;
@@ -83,17 +105,23 @@ void blk_rounds(u64 base, u64 rounds)
 		fail("error: the virtio-blk queue holds fewer than 3 descriptors");
 	if (!blk_size || IO_SIZE % blk_size)
 		fail("error: blk_size does not divide 4096");
-	if (capacity < 8 * (rounds + 1) + IO_SIZE / 512)
-		fail("error: the disk is too small for kvmmem.blk=");
+	if (capacity < sectors_needed)
+		fail("error: the disk is too small");
+	mem_read_config(c);
+	if (c->plugged && mem_request(UNPLUG_ALL, 0, 0) != ACK)
+		fail("error: UNPLUG_ALL refused");
+}
 
+void blk_rounds(u64 base, u64 rounds)
+{
+	/* BLK_SIZE is accepted only to read blk_size (5.2.4: the field is
+	 * there with the feature); RO is never accepted, and refused below. */
 	struct mem_config c;
-	mem_read_config(&c);
+	blk_setup(base, 8 * (rounds + 1) + IO_SIZE / 512, &c);
 	u64 bs = c.block_size;
 	u64 stride = c.usable / (2 * rounds) & ~(bs - 1);
 	if (bs < 2 * IO_SIZE || !stride)
 		fail("error: the usable region is too small for kvmmem.blk=");
-	if (c.plugged && mem_request(UNPLUG_ALL, 0, 0) != ACK)
-		fail("error: UNPLUG_ALL refused");
 
 	for (u64 r = 0; r < rounds; r++) {
 		u64 w = c.addr + r * stride, rd = c.addr + (rounds + r) * stride;
@@ -109,12 +137,10 @@ void blk_rounds(u64 base, u64 rounds)
 			puts("error: virtio-blk status "); putdec(st);
 			fail("");
 		}
-		for (u64 i = 0; i < IO_SIZE; i += 8) {
-			u64 v = rd64(rbuf + i);
-			if (v != ((sector * 512 + i) ^ BLK_KEY)) {
-				puts("blk mismatch at "); puthex(rbuf + i); puts(": "); puthex(v); putc('\n');
-				finish(1);
-			}
+		u64 bad = mismatch(rbuf, sector * 512, IO_SIZE);
+		if (bad) {
+			puts("blk mismatch at "); puthex(bad); puts(": "); puthex(rd64(bad)); putc('\n');
+			finish(1);
 		}
 		puts("blk round "); putdec(r); puts(": sector "); putdec(sector);
 		puts(" written from "); puthex(wbuf); puts(" read into "); puthex(rbuf); puts(" ok\n");
@@ -122,5 +148,57 @@ void blk_rounds(u64 base, u64 rounds)
 		mem_block(UNPLUG, rd);
 	}
 	puts("blk: "); putdec(rounds); puts(" rounds done\n");
+	finish(0);
+}
+
+/*
+ * kvmmem.blk_inflight=N: memslot changes while a large request is in flight
+ * (issue 19). Round r, in the first 16 MiB of the device (blocks b0-b7 of
+ * 2 MiB; with memslots=exact and merge-delay=0 the eight one-block plugs end
+ * in one 16 MiB memslot): write INFLIGHT bytes of the pattern of sector
+ * S = 2048 * (r + 1) from b3 and, before waiting for it, unplug b6 (exact
+ * splits the 16 MiB memslot under the buffer); plug b6 again (merged again),
+ * read S into b1 and, before waiting, unplug b6 (split again); check b1;
+ * unplug everything. A throttled back-end keeps each request in flight for
+ * the whole memslot change.
+ */
+#define INFLIGHT (512 * 1024)
+
+void blk_inflight(u64 base, u64 rounds)
+{
+	struct mem_config c;
+	blk_setup(base, 2048 * (rounds + 1) + INFLIGHT / 512, &c);
+	u64 bs = c.block_size, a = c.addr;
+	if (bs < 2 * INFLIGHT || c.usable < 8 * bs)
+		fail("error: kvmmem.blk_inflight= needs blocks of 1 MiB and 8 of them usable");
+	for (u64 r = 0; r < rounds; r++) {
+		u64 sector = 2048 * (r + 1), wbuf = a + 3 * bs + bs / 4, rbuf = a + bs + bs / 4;
+		for (u64 b = 0; b < 8; b++)
+			mem_block(PLUG, a + b * bs);
+		fill_n(wbuf, sector * 512, 0, INFLIGHT);
+		fill_n(rbuf, sector * 512, ~0UL, INFLIGHT);
+		blk_post(T_OUT, sector, wbuf, INFLIGHT);
+		mem_block(UNPLUG, a + 6 * bs);
+		u8 st = blk_wait();
+		if (st == 0) {
+			mem_block(PLUG, a + 6 * bs);
+			blk_post(T_IN, sector, rbuf, INFLIGHT);
+			mem_block(UNPLUG, a + 6 * bs);
+			st = blk_wait();
+		}
+		if (st != 0) {
+			puts("error: virtio-blk status "); putdec(st);
+			fail("");
+		}
+		u64 bad = mismatch(rbuf, sector * 512, INFLIGHT);
+		if (bad) {
+			puts("blk mismatch at "); puthex(bad); puts(": "); puthex(rd64(bad)); putc('\n');
+			finish(1);
+		}
+		puts("blk inflight round "); putdec(r); puts(": sector "); putdec(sector); puts(" ok\n");
+		if (mem_request(UNPLUG_ALL, 0, 0) != ACK)
+			fail("error: UNPLUG_ALL refused");
+	}
+	puts("blk inflight: "); putdec(rounds); puts(" rounds done\n");
 	finish(0);
 }
