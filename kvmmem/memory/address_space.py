@@ -65,6 +65,13 @@ class MemoryListener:
     def commit(self) -> None:
         """The update is complete."""
 
+    def drop(self, reason: str) -> bool:
+        """A rollback could not undo this listener's calls: stop following the
+        address space if the consumer can be let go (a vhost-user back-end is
+        treated as gone, QEMU's ``vhost_dev_cleanup``) and return True; False
+        (the default, KVM's) makes the failure a :class:`MemoryRollbackError`."""
+        return False
+
     def quiesced(self) -> AbstractContextManager[object]:
         """Inside this block the consumer behind the listener does not touch
         guest memory. Entered (through :meth:`AddressSpace.quiesced`) around a

@@ -188,7 +188,8 @@ class ListenerCallLog:
                         listener.region_add(fr)
                 listener.commit()
             except Exception as exc:  # keep undoing the others
-                errors.append(exc)
+                if not listener.drop(f"undoing a failed memory change failed: {exc}"):
+                    errors.append(exc)
         return errors
 
 

@@ -21,9 +21,10 @@ import os
 import select
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Self
+from typing import Self, TypeVar
 
 from kvmmem.vhost.messages import (
     F_PROTOCOL_FEATURES,
@@ -43,6 +44,10 @@ from kvmmem.vhost.messages import (
 __all__ = ["SUPPORTED_PROTOCOL_FEATURES", "BackendGone", "VhostUserError", "VhostUserFrontend"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_REPLY = 64 * 1024
+"""The largest reply payload accepted (the largest the protocol has, GET_CONFIG's, is 256 bytes)."""
 
 SUPPORTED_PROTOCOL_FEATURES = (1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK
                                | 1 << ProtocolFeature.CONFIG
@@ -87,6 +92,7 @@ class VhostUserFrontend:
         self._gone: str | None = None
         self._connected = False     # until the handshake is done, a failure is only raised
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._timeout = timeout
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(path)
@@ -146,13 +152,18 @@ class VhostUserFrontend:
 
         ``reply`` defaults to whether the request has a reply body; requests
         without one ask for an acknowledgement when REPLY_ACK was negotiated
-        and raise :class:`VhostUserError` if the back-end refuses.
+        and raise :class:`VhostUserError` if the back-end refuses. A reply
+        that breaks the protocol (wrong request, wrong size, not complete
+        within ``timeout`` seconds all told) is the end of the connection, as
+        in QEMU's ``vhost_user_read``: the back-end is treated as gone and
+        :class:`BackendGone` raised.
         """
         has_reply = req in _HAS_REPLY if reply is None else reply
         want_ack = not has_reply and self.has(ProtocolFeature.REPLY_ACK)
         flags = VERSION | (FLAG_NEED_REPLY if want_ack else 0)
         data = Header(int(req), flags, len(payload)).pack() + payload
         failure = None
+        status = 0
         with self._lock:
             if self._gone is not None:
                 raise BackendGone(f"{self.name}: the back-end is gone ({self._gone}); "
@@ -166,38 +177,74 @@ class VhostUserFrontend:
                 if not (has_reply or want_ack):
                     return None
                 answer = self._read_reply(req)
+                if want_ack:
+                    status = unpack_u64(answer)
             except (OSError, VhostUserProtocolError) as exc:
                 failure = f"{req.name} failed: {exc}"
                 self._gone = failure
+                self._hang_up()
         if failure is not None:
             self._report_gone(failure)      # outside the lock: callbacks take their own
             raise BackendGone(f"{self.name}: {failure}")
         if want_ack:
-            status = unpack_u64(answer)
             if status != 0:
                 raise VhostUserError(f"{self.name}: the back-end refused {req.name} "
                                      f"(status {status})")
             return None
         return answer
 
-    def get_u64(self, req: Request) -> int:
-        answer = self.request(req)
+    def query(self, req: Request, decode: Callable[[bytes], T], payload: bytes = b"") -> T:
+        """A request with a reply body, decoded by ``decode``; a reply that does not
+        decode breaks the protocol like any other (BackendGone)."""
+        answer = self.request(req, payload, reply=True)
         assert answer is not None
         try:
-            return unpack_u64(answer)
+            return decode(answer)
         except VhostUserProtocolError as exc:
-            raise VhostUserError(f"{self.name}: bad reply to {req.name}: {exc}") from None
+            raise self.fail(f"bad reply to {req.name}: {exc}") from None
+
+    def get_u64(self, req: Request) -> int:
+        return self.query(req, unpack_u64)
+
+    def fail(self, reason: str) -> BackendGone:
+        """Give up on the back-end (a protocol error, or it cannot follow a memory
+        change): the connection is shut down and reported gone; returns the
+        exception to raise."""
+        with self._lock:
+            first = self._gone is None
+            if first:
+                self._gone = reason
+                self._hang_up()
+        if first:
+            self._report_gone(reason)
+        return BackendGone(f"{self.name}: {reason}")
+
+    def _hang_up(self) -> None:
+        """Shut the socket down (the back-end sees the hang-up); with the lock held."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read_reply(self, req: Request) -> bytes:
-        header = Header.unpack(self._recv_exact(HEADER.size))
+        deadline = time.monotonic() + self._timeout
+        header = Header.unpack(self._recv_exact(HEADER.size, deadline))
         if header.request != req or not header.flags & FLAG_REPLY:
             raise VhostUserProtocolError(f"expected the reply to {req.name}, got request "
                                          f"{header.request} with flags {header.flags:#x}")
-        return self._recv_exact(header.size)
+        if header.size > MAX_REPLY:
+            raise VhostUserProtocolError(f"a reply of {header.size} bytes to {req.name}")
+        return self._recv_exact(header.size, deadline)
 
-    def _recv_exact(self, size: int) -> bytes:
+    def _recv_exact(self, size: int, deadline: float) -> bytes:
+        """``size`` bytes, all of them before ``deadline`` (a back-end that drips
+        its reply byte by byte does not get a new timeout for every byte)."""
         chunks, left = [], size
         while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete reply within {self._timeout:g} s")
+            self._sock.settimeout(remaining)
             chunk = self._sock.recv(left)
             if not chunk:
                 raise ConnectionResetError("the back-end closed the connection")

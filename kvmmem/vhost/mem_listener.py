@@ -62,6 +62,7 @@ class VhostMemoryListener(MemoryListener):
         self.incremental = frontend.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)
         self._regions: dict[int, tuple[FlatRange, MirroredRegion]] = {}
         self._table_changed = False
+        self._table_grew = False
         self.quiesce_queues: Callable[[], AbstractContextManager[object]] = nullcontext
         """Stops the back-end's rings with nothing in flight (the device installs
         ``VhostUserBlk.quiesced``)."""
@@ -93,8 +94,15 @@ class VhostMemoryListener(MemoryListener):
             return nullcontext()
         return self.quiesce_queues()
 
+    def drop(self, reason: str) -> bool:
+        """A rollback could not undo what was sent: the back-end's table is
+        unknown, so it is let go (and stops limiting the memslot budget)."""
+        self.frontend.fail(reason)
+        return True
+
     def begin(self) -> None:
         self._table_changed = False
+        self._table_grew = False
 
     def region_add(self, fr: FlatRange) -> None:
         if fr.region.kind is not RegionKind.RAM or not self.frontend.connected:
@@ -109,7 +117,7 @@ class VhostMemoryListener(MemoryListener):
         if self.incremental:
             self._send(Request.ADD_MEM_REG, mirrored.desc.pack_single(), [mirrored.fd])
         else:
-            self._table_changed = True
+            self._table_changed = self._table_grew = True
         if self.frontend.connected:        # not if the request found the back-end gone
             self._regions[fr.start] = (fr, mirrored)
 
@@ -120,22 +128,37 @@ class VhostMemoryListener(MemoryListener):
         if entry[0] != fr:
             raise RuntimeError(f"vhost listener out of sync: asked to remove {fr}, "
                                f"but {entry[0]} is mapped there")
+        self._regions.pop(fr.start, None)
         if self.incremental:
             # No fd: the specification says none SHOULD be passed (the
             # region is found by its addresses and size).
-            self._send(Request.REM_MEM_REG, entry[1].desc.pack_single(), [])
+            self._send_removal(Request.REM_MEM_REG, entry[1].desc.pack_single(), [])
         else:
             self._table_changed = True
-        self._regions.pop(fr.start, None)     # (cleared meanwhile if the back-end went)
 
     def commit(self) -> None:
         if self._table_changed:
             self._table_changed = False
             regions = self.regions()
-            self._send(Request.SET_MEM_TABLE, pack_memory_table([r.desc for r in regions]),
-                       [r.fd for r in regions])
+            payload = pack_memory_table([r.desc for r in regions])
+            fds = [r.fd for r in regions]
+            if self._table_grew:
+                self._send(Request.SET_MEM_TABLE, payload, fds)
+            else:
+                self._send_removal(Request.SET_MEM_TABLE, payload, fds)
 
     # -- internals ------------------------------------------------------------------
+
+    def _send_removal(self, req: Request, payload: bytes, fds: list[int]) -> None:
+        """A removal cannot be refused (the memory is going, whatever the back-end
+        says; QEMU's vhost commit only logs): a back-end that refuses it may keep
+        a mapping of memory the guest no longer has, so it is let go."""
+        try:
+            self._send(req, payload, fds)
+        except VhostUserError as exc:
+            log.error("%s: %s refused, the back-end is dropped: %s", self.frontend.name,
+                      req.name, exc)
+            self.frontend.fail(f"{req.name} refused")
 
     def _send(self, req: Request, payload: bytes, fds: list[int]) -> None:
         """Send a memory request; a refusal raises, a dead back-end does not."""

@@ -153,9 +153,8 @@ class VhostUserBlk:
         if frontend.queue_num < props.num_queues:
             raise VhostUserError(f"vhost-user-blk '{self.id}': the back-end serves "
                                  f"{frontend.queue_num} queues, fewer than {props.num_queues}")
-        answer = frontend.request(Request.GET_CONFIG, pack_config(0, bytes(BLK_CONFIG_SIZE)))
-        assert answer is not None
-        _, config = unpack_config(answer)
+        _, config = frontend.query(Request.GET_CONFIG, unpack_config,
+                                   pack_config(0, bytes(BLK_CONFIG_SIZE)))
         if len(config) != BLK_CONFIG_SIZE:
             raise VhostUserError(f"vhost-user-blk '{self.id}': GET_CONFIG answered "
                                  f"{len(config)} bytes instead of {BLK_CONFIG_SIZE}")
@@ -213,8 +212,9 @@ class VhostUserBlk:
             log.error("vhost-user-blk '%s': reset: %s; stopping the back-end anyway", self.id, exc)
         try:
             self._stop_rings()
-        except BackendGone as exc:
-            log.error("vhost-user-blk '%s': stopping the back-end: %s", self.id, exc)
+        except VhostUserError as exc:       # refused, or gone: the reset goes on (QEMU
+            # logs a failed vhost_virtqueue_stop and finishes vhost_dev_stop)
+            log.error("vhost-user-blk '%s': stopping the back-end failed: %s", self.id, exc)
         self._rings = []
 
     # -- starting the back-end ---------------------------------------------------
@@ -260,9 +260,8 @@ class VhostUserBlk:
         for ring in self._rings:
             if self._protocol_features_acked():
                 self.frontend.request(Request.SET_VRING_ENABLE, pack_vring_state(ring.index, 0))
-            answer = self.frontend.request(Request.GET_VRING_BASE, pack_vring_state(ring.index, 0))
-            assert answer is not None
-            bases.append(unpack_vring_state(answer)[1])
+            bases.append(self.frontend.query(Request.GET_VRING_BASE, unpack_vring_state,
+                                             pack_vring_state(ring.index, 0))[1])
         return bases
 
     # -- memslot changes under a running back-end ---------------------------------
