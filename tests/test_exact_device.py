@@ -216,3 +216,27 @@ def test_unmapped_aliases_are_not_kept(vm) -> None:  # type: ignore[no-untyped-d
     # alive: the mapped alias, and at most the one the RAM region last rendered through
     assert len(dev.ram._aliased_by) <= 2
     machine.close()
+
+
+def test_a_guest_plugging_at_the_budget_edge_is_logged_rate_limited(vm, caplog) -> None:  # type: ignore[no-untyped-def]
+    # 2 GiB in 1 GiB memslots: exact may map 2 memslots. Blocks 0 and 2 are two
+    # runs; a third (block 4) coarsens grid memslot 0, unplugging it refines it.
+    machine, dev = machine_with_device(vm, size=2 * GiB)
+    policy = dev.policy
+    frozen = [0.0]
+    policy.coarsen_log.clock = policy.refine_log.clock = lambda: frozen[0]
+    assert request(dev, PLUG, 0, 1).type is ResponseType.ACK
+    assert request(dev, PLUG, 2, 1).type is ResponseType.ACK
+    caplog.set_level(logging.INFO, logger="kvmmem.devices.memslot_policy")
+    for _ in range(50):
+        assert request(dev, PLUG, 4, 1).type is ResponseType.ACK
+        assert dev.mapped_memslots == frozenset({0}) and dev.nb_memslots == 1     # coarse
+        assert request(dev, UNPLUG, 4, 1).type is ResponseType.ACK
+        assert dev.nb_memslots == 2                                               # exact again
+    lines = [r.getMessage() for r in caplog.records if "memslots=exact" in r.getMessage()]
+    # one line of each kind within the interval, not one per two requests
+    assert len(lines) == 2, lines
+    frozen[0] = 10.0
+    assert request(dev, PLUG, 4, 1).type is ResponseType.ACK
+    assert "(49 more not logged since the last such line)" in caplog.records[-1].getMessage()
+    machine.close()

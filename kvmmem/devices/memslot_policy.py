@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from kvmmem.devices.exact_cover import CoverPlan, ExactCover
 from kvmmem.devices.plug_bitmap import PlugBitmap
+from kvmmem.devices.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,8 @@ class ExactPolicy(MemslotPolicy):
         self.cover = ExactCover(bitmap.nb_blocks, block_size, memslot_size // block_size,
                                 self.nb_grid)
         self._pending: tuple[MemslotChange, CoverPlan] | None = None
+        self.coarsen_log = RateLimit()
+        self.refine_log = RateLimit()
 
     def plug(self, first: int, n: int) -> MemslotChange:
         return self._propose(self.cover.plan_plug(self._bitmap, first, n,
@@ -364,14 +367,17 @@ class ExactPolicy(MemslotPolicy):
     def _settle(self, plan: CoverPlan) -> None:
         self.cover.commit(plan)
         size = self.memslot_size
-        if plan.coarsened:
+        # A guest plugging and unplugging at the edge of the budget would
+        # otherwise make one line per two requests: rate-limited.
+        if plan.coarsened and (held := self.coarsen_log.check()) is not None:
             log.warning("%s: memslots=exact would need more than its %d memslots: grid memslot(s) "
-                        "%s mapped whole (%d MiB each), as memslots=dynamic does", self.name,
-                        self.cover.limit, ", ".join(map(str, plan.coarsened)), size >> 20)
-        if plan.refined:
+                        "%s mapped whole (%d MiB each), as memslots=dynamic does%s", self.name,
+                        self.cover.limit, ", ".join(map(str, plan.coarsened)), size >> 20,
+                        RateLimit.note(held))
+        if plan.refined and (held := self.refine_log.check()) is not None:
             log.info("%s: memslots=exact back to exact memslots in grid memslot(s) %s "
-                        "(%d memslots now)", self.name, ", ".join(map(str, plan.refined)),
-                        self.cover.count)
+                     "(%d memslots now)%s", self.name, ", ".join(map(str, plan.refined)),
+                     self.cover.count, RateLimit.note(held))
 
 
 _POLICIES: dict[MemslotMode, type[MemslotPolicy]] = {

@@ -34,6 +34,7 @@ from kvmmem.devices.block_protection import BlockProtection
 from kvmmem.devices.memslot_policy import MemslotChange, MemslotMode, MemslotPolicy, make_policy
 from kvmmem.devices.notifier import Notifier
 from kvmmem.devices.plug_bitmap import PlugBitmap
+from kvmmem.devices.ratelimit import RateLimit
 from kvmmem.devices.virtio_mem_backing import VirtioMemBacking
 from kvmmem.devices.virtio_mem_props import ProtectMode, VirtioMemPropertyError, VirtioMemProps, check_requested_size
 from kvmmem.devices.virtio_mem_proto import (
@@ -81,6 +82,7 @@ class VirtioMem:
         """Set by the machine: raises if a requested-size would cost too much."""
         self.needs_reset = False
         self.driver_features = 0
+        self.busy_log = RateLimit()
         self.addr = -1
         self.plugged_size = 0
         self.usable_region_size = 0
@@ -254,7 +256,9 @@ class VirtioMem:
 
     def _busy(self, exc: BaseException) -> Response:
         """A state change failed on the host side and changed nothing: BUSY."""
-        log.warning("%s: request failed on the host side, answering BUSY: %s", self.id, exc)
+        if (held := self.busy_log.check()) is not None:     # the guest may retry at will
+            log.warning("%s: request failed on the host side, answering BUSY: %s%s", self.id,
+                        exc, RateLimit.note(held))
         return Response.busy()
 
     # The state changes (virtio_mem_set_block_state). Each one either

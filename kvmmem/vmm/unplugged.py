@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmmem.devices.ratelimit import LOG_INTERVAL, RateLimit
+
 KEEP = 64
 """Accesses kept in :attr:`UnpluggedAccessLog.recent`."""
-LOG_INTERVAL = 1.0
-"""Seconds between two log lines about unplugged accesses."""
 
 
 @dataclass(frozen=True)
@@ -46,24 +46,17 @@ class UnpluggedAccessLog:
         """Accesses since the machine was created."""
         self.recent: collections.deque[UnpluggedAccess] = collections.deque(maxlen=keep)
         """The last ``keep`` accesses, oldest first."""
-        self.interval = interval
-        self._clock = clock
-        self._next_log = float("-inf")
-        self._suppressed = 0
+        self._limit = RateLimit(interval, clock)
 
     def record(self, access: UnpluggedAccess) -> str | None:
         """Count and keep ``access``; the line to log for it, or None while
         the log is rate-limited."""
         self.count += 1
         self.recent.append(access)
-        now = self._clock()
-        if now < self._next_log:
-            self._suppressed += 1
+        held = self._limit.check()
+        if held is None:
             return None
-        self._next_log = now + self.interval
         line = describe(access)
-        if self._suppressed:
-            line += (f" ({self._suppressed} more not logged since the last such line; "
-                     f"{self.count} in all)")
-            self._suppressed = 0
+        if held:
+            line += f" ({held} more not logged since the last such line; {self.count} in all)"
         return line
