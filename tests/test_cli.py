@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -319,3 +320,47 @@ def test_an_append_that_is_not_utf8_reaches_the_guest_byte_for_byte() -> None:
                          capture_output=True, cwd=ROOT, timeout=120)
     assert out.returncode == 1 and out.stderr == b"", out.stderr   # the guest's exit 0
     assert b'cmdline "console=ttyS0 kvmmem.steps=0 x=\xff"' in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("obj,line", [
+    ("memory-backend-ram,id=m,size=1G,bogus=1", "Property 'memory-backend-ram.bogus' not found"),
+    ("memory-backend-memfd,id=m,size=1G,bogus=1",
+     "Property 'memory-backend-memfd.bogus' not found"),
+    ("memory-backend-ram,id=m,size=1G,seal=on", "Property 'memory-backend-ram.seal' not found"),
+    ("memory-backend-ram,id=m,size=1G,hugetlb=on",
+     "Property 'memory-backend-ram.hugetlb' not found"),
+    ("memory-backend-ram,id=m,size=1G,share=banana", "Parameter 'share' expects 'on' or 'off'"),
+    ("memory-backend-memfd,id=m,size=1G,share=banana", "Parameter 'share' expects 'on' or 'off'"),
+    ("memory-backend-memfd,id=m,size=1G,seal=2", "Parameter 'seal' expects 'on' or 'off'"),
+    ("memory-backend-memfd,id=m,size=1G,hugetlb=on",
+     "memory-backend-memfd: hugetlb=on is not supported by kvmmem"),
+    ("memory-backend-ram,id=m,size=1G,prealloc=on",
+     "Property 'memory-backend-ram.prealloc' is not supported by kvmmem"),
+])
+def test_backend_properties_are_checked_as_qemu_checks_them(obj: str, line: str) -> None:
+    # each was accepted and ignored before
+    with pytest.raises(OptionError, match=f"^-object: {re.escape(line)}"):
+        config("-m", "1G,maxmem=3G", "-object", obj)
+
+
+def test_memfd_backends_are_shared_and_sealed_unless_told_otherwise() -> None:
+    import fcntl
+    cfg = config("-m", "1G,maxmem=5G", "-object", "memory-backend-memfd,id=a,size=1G",
+                 "-object", "memory-backend-memfd,id=b,size=1G,seal=off",
+                 "-object", "memory-backend-memfd,id=c,size=1G,share=off,hugetlb=off",
+                 "-object", "memory-backend-ram,id=d,size=1G,share=on")
+    try:
+        kinds = {i: kind for i, (kind, _) in cfg.objects.items()}
+        assert kinds == {"a": "memory-backend-memfd", "b": "memory-backend-memfd",
+                         "c": "memory-backend-memfd", "d": "memory-backend-ram"}
+        a, b, c, d = (cfg.objects[i][1] for i in "abcd")
+        assert (a.shared, a.sealed, b.shared, b.sealed, c.shared, d.shared, d.sealed) == \
+            (True, True, True, False, False, True, False)
+        seals = fcntl.fcntl(a.fd, fcntl.F_GET_SEALS)
+        assert seals == fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(a.fd, 2 * GiB)                  # the seal holds
+        a.discard(0, 2 * MiB)                            # hole punching still works
+    finally:
+        for _, host in cfg.objects.values():
+            host.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno as _errno
+import fcntl
 import itertools
 import mmap
 import os
@@ -65,11 +66,11 @@ class HostMemory:
     :attr:`fd`), so the same pages can later be mapped by another process.
     """
 
-    __slots__ = ("name", "id", "size", "shared", "_map", "_fd", "_address",
+    __slots__ = ("name", "id", "size", "shared", "sealed", "_map", "_fd", "_address",
                  "_guard_mode", "_prot_starts", "_prot_ends", "__weakref__")
 
     def __init__(self, size: int, name: str = "", *, shared: bool = False,
-                 hugepage: bool = False) -> None:
+                 hugepage: bool = False, seal: bool = False) -> None:
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"HostMemory size must be an int, not {type(size).__name__}")
         if size <= 0 or size % PAGE_SIZE:
@@ -79,6 +80,9 @@ class HostMemory:
         self.name: str = name or f"hostmem{self.id}"
         self.size: int = size
         self.shared: bool = shared
+        self.sealed: bool = seal and shared
+        """The memfd's size is sealed (QEMU's memory-backend-memfd ``seal=on``:
+        F_SEAL_GROW, F_SEAL_SHRINK, F_SEAL_SEAL, ``memfd_create(2)``)."""
         self._fd: int = -1
         self._guard_mode: bool | None = None   # decided at the first protect()
         # Protected ranges, disjoint and sorted: parallel start/end lists.
@@ -86,8 +90,12 @@ class HostMemory:
         self._prot_ends: list[int] = []
         try:
             if shared:
-                self._fd = os.memfd_create(self.name, MFD_CLOEXEC)
+                flags = MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if self.sealed else 0)
+                self._fd = os.memfd_create(self.name, flags)
                 os.ftruncate(self._fd, size)
+                if self.sealed:
+                    fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS,
+                                fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
                 self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | MAP_NORESERVE)
             else:
                 self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
@@ -140,15 +141,17 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     _check_memory_map(ram, maxmem, slots)
     metadata_limit = _machine(args.machine)
     backends: dict[str, HostMemory] = {}
+    objects: dict[str, str] = {}               # -object id -> its QOM type
     own: list[HostMemory] = []
     busy: set[str] = set()                     # memdev ids a device already uses
     try:
         for text in args.object:
-            obj_id, size, shared = _backend(text)
-            if obj_id in backends:            # QEMU's object_property_try_add() wording
-                raise OptionError("-object", f"attempt to add duplicate property '{obj_id}' to "
+            spec = _backend(text)
+            if spec.id in backends:           # QEMU's object_property_try_add() wording
+                raise OptionError("-object", f"attempt to add duplicate property '{spec.id}' to "
                                              "object (type 'container')")
-            backends[obj_id] = _allocate("-object", obj_id, size, shared)
+            backends[spec.id] = _allocate("-object", spec.id, spec.size, spec.shared, spec.seal)
+            objects[spec.id] = spec.qom_type
         from kvmmem.vmm.cli_vhost import chardevs as _chardevs
         from kvmmem.vmm.cli_vhost import ram_backend, vhost_user_blk
 
@@ -193,7 +196,8 @@ def parse_machine(args: argparse.Namespace, sink: Callable[[bytes], None] | None
     return MachineConfig(ram_size=ram, kernel=args.kernel, maxmem=maxmem, slots=slots,
                          cmdline=args.append, memory_devices=devices, serial=sink,
                          no_reboot=args.no_reboot, memslot_metadata_limit=metadata_limit,
-                         vhost_devices=vhost_devices, ram_backend=ram_host)
+                         vhost_devices=vhost_devices, ram_backend=ram_host,
+                         objects={i: (objects[i], backends[i]) for i in objects})
 
 
 def _machine(text: str) -> int | None:
@@ -230,23 +234,64 @@ def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
                                 "bytes of guest-physical address space the machine maps")
 
 
-def _backend(text: str) -> tuple[str, int, bool]:
-    """One ``-object memory-backend-...``: its id, size and whether it is shared."""
+# QEMU's memory-backend properties (qemu-options.hx, "-object memory-backend-*"):
+# those kvmmem implements, by type, and those it knows and refuses.
+_BACKEND_KEYS = {"memory-backend-ram": {"qom-type", "id", "size", "share"},
+                 "memory-backend-memfd": {"qom-type", "id", "size", "share", "seal", "hugetlb"}}
+_BACKEND_UNSUPPORTED = {"merge", "dump", "prealloc", "prealloc-threads", "prealloc-context",
+                        "reserve", "host-nodes", "policy", "hugetlbsize",
+                        "x-use-canonical-path-for-ramblock-id"}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One ``-object memory-backend-...`` as given (memory not allocated yet)."""
+
+    id: str
+    qom_type: str
+    size: int
+    shared: bool
+    seal: bool
+
+
+def _qemu_bool(option: str, opts: dict[str, str], key: str, default: bool) -> bool:
+    """A boolean property, refused in QEMU's words (qapi_bool_parse)."""
+    if key not in opts:
+        return default
+    try:
+        return _BOOL[opts[key].lower()]
+    except KeyError:
+        raise OptionError(option, f"Parameter '{key}' expects 'on' or 'off'") from None
+
+
+def _backend(text: str) -> BackendSpec:
+    """One ``-object memory-backend-...``; unknown properties are refused as QEMU
+    refuses them, those QEMU has and kvmmem does not implement by name."""
     obj = parse_keyval("-object", text, "qom-type")
     qom_type = _require("-object", obj, "qom-type")
     if qom_type not in BACKENDS:
         raise OptionError("-object", f"{qom_type!r} is not one of {', '.join(BACKENDS)}")
+    for key in sorted(set(obj) - _BACKEND_KEYS[qom_type]):
+        if key in _BACKEND_UNSUPPORTED:
+            raise OptionError("-object", f"Property '{qom_type}.{key}' is not supported by kvmmem")
+        raise OptionError("-object", f"Property '{qom_type}.{key}' not found")
     if "id" not in obj or "size" not in obj:
         raise OptionError("-object", f"{qom_type} needs id= and size=")
-    shared = qom_type == "memory-backend-memfd" or _bool("-object", "share",
-                                                         obj.get("share", "off"))
-    return obj["id"], _size("-object", "size", obj["size"]), shared
+    memfd = qom_type == "memory-backend-memfd"
+    shared = _qemu_bool("-object", obj, "share", memfd)
+    seal = _qemu_bool("-object", obj, "seal", memfd)          # QEMU: memfd seal=on by default
+    if _qemu_bool("-object", obj, "hugetlb", False):
+        raise OptionError("-object", f"{qom_type}: hugetlb=on is not supported by kvmmem "
+                                     "(guest memory is never backed by hugetlbfs pages)")
+    return BackendSpec(obj["id"], qom_type, _size("-object", "size", obj["size"]), shared,
+                       seal and shared)
 
 
-def _allocate(option: str, name: str, size: int, shared: bool = False) -> HostMemory:
+def _allocate(option: str, name: str, size: int, shared: bool = False,
+              seal: bool = False) -> HostMemory:
     """A backend's memory; a size the host cannot map is the option's fault."""
     try:
-        return HostMemory(size, name, shared=shared)
+        return HostMemory(size, name, shared=shared, seal=seal)
     except (OSError, ValueError, OverflowError) as exc:
         raise OptionError(option, f"{name}: cannot allocate size={size:#x}: {exc}") from None
 

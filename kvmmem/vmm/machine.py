@@ -62,6 +62,8 @@ class MachineConfig:
     """KVM memslot metadata the memory devices may cost; None: MemTotal / 4."""
     vhost_devices: list[VhostUserBlkProps] = field(default_factory=list)
     ram_backend: HostMemory | None = None
+    objects: dict[str, tuple[str, HostMemory]] = field(default_factory=dict)
+    """The ``-object`` memory backends by id: QOM type and memory (QOM lists them)."""
 
 
 INTERNAL_ERROR_STATUS = 1

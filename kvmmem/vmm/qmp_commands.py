@@ -280,17 +280,41 @@ class MachineMonitor:
                 props[name] = QomProperty(f"child<{child_type}>", functools.partial(str, child))
             objects[path] = QomObject(path, typename, props)
 
-        devices = dict(self.machine.devices)
-        memdevs = {dev.memdev.name: dev.memdev for dev in devices.values()}
+        machine = self.machine
+        devices = dict(machine.devices)
+        disks = {i: b.props for i, b in machine.vhost.devices.items()}
+        # -object backends with the type they were given as; memory a device
+        # made for itself (no -object) by what it is
+        backends = dict(machine.config.objects)
+        for dev in devices.values():
+            if not any(host is dev.memdev for _, host in backends.values()):
+                kind = "memory-backend-memfd" if dev.memdev.fd >= 0 else "memory-backend-ram"
+                backends[dev.memdev.name] = (kind, dev.memdev)
         add("/", "container", {}, {"machine": "kvmmem-pc-machine", "objects": "container"})
-        add("/machine", "kvmmem-pc-machine", {}, {"peripheral": "container"})
-        add(PERIPHERAL, "container", {}, {i: "virtio-mem" for i in devices})
-        add(OBJECTS, "container", {}, {n: "memory-backend-ram" for n in memdevs})
+        machine_props: dict[str, QomProperty] = {}
+        ram_id = next((i for i, (_, host) in backends.items()
+                       if host is machine.config.ram_backend), None)
+        if ram_id is not None:           # -machine memory-backend=ID
+            machine_props["memory-backend"] = QomProperty(
+                "link<memory-backend>", functools.partial(str, f"{OBJECTS}/{ram_id}"))
+        add("/machine", "kvmmem-pc-machine", machine_props, {"peripheral": "container"})
+        add(PERIPHERAL, "container", {}, {**{i: "virtio-mem" for i in devices},
+                                          **{i: "vhost-user-blk" for i in disks}})
+        add(OBJECTS, "container", {}, {i: kind for i, (kind, _) in backends.items()})
         for dev_id, dev in devices.items():
             add(f"{PERIPHERAL}/{dev_id}", "virtio-mem", self._device_properties(dev))
-        for name, mem in memdevs.items():
-            add(f"{OBJECTS}/{name}", "memory-backend-ram",
-                {"size": QomProperty("uint64", functools.partial(getattr, mem, "size"))})
+        for disk_id, disk in disks.items():
+            add(f"{PERIPHERAL}/{disk_id}", "vhost-user-blk", {
+                "chardev": QomProperty("str", functools.partial(str, disk.chardev)),
+                "num-queues": QomProperty("uint16", functools.partial(int, disk.num_queues)),
+                "queue-size": QomProperty("uint32", functools.partial(int, disk.queue_size))})
+        for name, (kind, mem) in backends.items():
+            mem_props = {"size": QomProperty("uint64", functools.partial(getattr, mem, "size")),
+                         "share": QomProperty("bool", functools.partial(getattr, mem, "shared"))}
+            if kind == "memory-backend-memfd":
+                mem_props["seal"] = QomProperty("bool", functools.partial(getattr, mem, "sealed"))
+                mem_props["hugetlb"] = QomProperty("bool", functools.partial(bool, False))
+            add(f"{OBJECTS}/{name}", kind, mem_props)
         return objects
 
     def _device_properties(self, dev: VirtioMem) -> dict[str, QomProperty]:
