@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -246,3 +247,40 @@ def test_usable_requested_size_with_a_malformed_ack_keeps_one_consistent_state(r
     assert rig.gone() and not rig.dev.needs_reset
     assert rig.dev.requested_size == 3 * GiB and rig.dev.usable_region_size >= 3 * GiB
     rig.check_vm_goes_on()
+
+
+def test_sigterm_ends_kvmmem_run_while_a_backend_drips_its_reply(guest_elf, qsd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A reply coming one byte every 2 s (20 bytes: 40 s, each byte well within
+    the per-recv timeout it used to get) held the vCPU thread, under the machine
+    lock, for all of it: SIGTERM did not end the VMM. With one deadline per
+    reply (10 s) the request fails, the disk is gone, and SIGTERM ends the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    fault = Fault(drip=frozenset({VR.SET_FEATURES}), drip_delay=2.0)
+    proxy = FaultProxy(tmp_path, qsd.socket, fault)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmmem", "run", "-kernel", str(guest_elf), "-m", "256M,maxmem=4G",
+         "-object", "memory-backend-memfd,id=ram,size=256M", "-machine", "memory-backend=ram",
+         "-object", "memory-backend-memfd,id=mem0,size=2G",
+         "-device", "virtio-mem,id=vmem0,memdev=mem0",
+         "-chardev", f"socket,id=c0,path={proxy.path}",
+         "-device", "vhost-user-blk,chardev=c0,id=disk0", "-append", "kvmmem.blk=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        deadline = time.monotonic() + 30
+        while "SET_FEATURES" not in fault.seen:          # DRIVER_OK: the drip has begun
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)            # 40 s of dripping before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.close()
+    assert proc.returncode == 0, err
+    assert "SET_FEATURES failed" in err and "Traceback" not in err, err
