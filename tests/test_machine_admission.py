@@ -188,3 +188,67 @@ def test_a_16_tib_usable_device_is_refused_under_the_default_limit(vm: Any) -> N
     assert not machine.devices and not dev.realized
     machine.close()
     dev.memdev.close()
+
+
+def test_the_dynamic_estimate_bounds_what_the_guest_can_map() -> None:
+    from kvmmem.devices.memslot_policy import MemslotMode
+    from kvmmem.vmm.memslot_metadata import device_estimate
+
+    TiB = 1 << 40
+    # 64 GiB memslots, 64 GiB - 128 MiB requested: the usable region (+256 MiB)
+    # reaches into the second memslot, and the guest has blocks for both
+    est = device_estimate(MemslotMode.DYNAMIC, TiB, 128 * MiB, 64 * GiB, 64 * GiB - 128 * MiB)
+    assert est[1:] == (128 * GiB, 2)                   # (64 GiB, 1) before
+    # anywhere in the usable region (it stays 8 GiB after a shrink), but never
+    # more memslots than blocks to plug, each in its own memslot
+    assert device_estimate(MemslotMode.EXACT, TiB, 2 * MiB, GiB, 4 * MiB,
+                           usable_now=8 * GiB)[1:] == (2 * GiB, 2)
+    # what the guest keeps mapped counts, whatever is requested now
+    assert device_estimate(MemslotMode.DYNAMIC, TiB, 2 * MiB, GiB, GiB,
+                           mapped_now=(8 * GiB, 8))[1:] == (8 * GiB, 8)
+
+
+@pytest.mark.kvm
+def test_a_guest_plugging_at_the_end_of_the_usable_region_stays_within_the_limit(vm: Any) -> None:
+    """The guest may plug the last block of the usable region: with 64 GiB
+    memslots that is a second memslot (320 MiB) under a 200 MiB limit, which
+    the requested-size alone (one memslot, 160 MiB) did not show."""
+    from kvmmem.devices.virtio_mem_props import VirtioMemPropertyError
+    from kvmmem.vmm.machine_memory import MachineMemory
+    from kvmmem.vmm.memslot_metadata import metadata_estimate
+
+    TiB = 1 << 40
+    machine = MachineMemory(vm, GiB, maxmem=TiB + GiB, metadata_limit=200 * MiB)
+    dev = VirtioMem(VirtioMemProps(id="vmem0", memdev=HostMemory(TiB, "mem0"),
+                                   block_size=128 * MiB, memslots="dynamic", max_memslots=16))
+    machine.plug(dev)
+    assert dev.memslot_size == 64 * GiB
+    with pytest.raises(VirtioMemPropertyError, match="would map 128 GiB in 2 memslot"):
+        dev.set_requested_size(64 * GiB - 128 * MiB)   # admitted before
+    dev.set_requested_size(64 * GiB - 512 * MiB)       # the usable region ends in memslot 0
+    last = dev.usable_region_size // dev.block_size - 1
+    assert request(dev, PLUG, 0, 1).type.name == "ACK"
+    assert request(dev, PLUG, last, 1).type.name == "ACK"
+    mapped = sum(span.size for span in dev.policy.mapped)      # type: ignore[union-attr]
+    assert metadata_estimate(mapped, dev.nb_memslots) <= 200 * MiB
+    machine.close()
+    dev.memdev.close()
+
+
+@pytest.mark.kvm
+def test_a_guest_ignoring_a_shrink_still_counts_what_it_maps(vm: Any) -> None:
+    from kvmmem.vmm.machine_memory import MachineMemory
+
+    machine = MachineMemory(vm, GiB, maxmem=33 * GiB, metadata_limit=30 * MiB)
+    first = _device("first", 16 * GiB, "dynamic", requested=8 * GiB)   # 8 memslots: 20 MiB
+    machine.plug(first)
+    assert request(first, PLUG, 0, 64).type.name == "ACK"              # the guest plugs 8 GiB
+    first.set_requested_size(GiB)            # ... and ignores the shrink: 8 GiB stay mapped
+    assert first.nb_memslots == 8
+    second = _device("second", 16 * GiB, "dynamic", requested=8 * GiB)
+    with pytest.raises(MemoryDeviceError, match="other devices' 20.2 MiB"):
+        machine.plug(second)                 # admitted before: 5 MiB counted for the first
+    assert sorted(machine.devices) == ["first"]
+    machine.close()
+    first.memdev.close()
+    second.memdev.close()

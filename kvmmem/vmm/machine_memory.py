@@ -145,8 +145,11 @@ class MachineMemory:
         requested-size whose memslots would take the estimated KVM metadata
         of all devices over ``metadata_limit``."""
         def estimate(d: VirtioMem, slot_size: int, size: int) -> tuple[int, int, int]:
+            now = (0, 0)
+            if d.policy is not None:          # what the guest has mapped, it may keep
+                now = (sum(span.size for span in d.policy.mapped), d.policy.nb_mapped)
             return device_estimate(d.props.memslots, d.region_size, d.block_size, slot_size,
-                                   size, d.usable_region_size)
+                                   size, d.usable_region_size, now)
 
         new = estimate(dev, memslot_size, requested)
         old = estimate(dev, memslot_size, dev.requested_size)[0] if dev.id in self.devices else 0

@@ -7,10 +7,16 @@ and on a shadow-MMU host more), whether or not the guest uses the memory.
 Measured on the project's machines: 2566 MiB for one 1 TiB memslot, so
 about 2.5 MiB per GiB, plus about 20 KiB for each memslot. A ``single``
 device pays for its whole region, a ``usable`` one for the memslots over
-its usable region; a ``dynamic`` one maps only memslots holding plugged
-blocks, and the guest plugs at most ``requested-size``, so the estimate
-covers that much (a guest that scatters its plugs over many memslots maps
-more: each memslot holding a block is mapped whole).
+its usable region; a ``dynamic`` one maps every memslot holding a plugged
+block, whole. The guest decides where it plugs: anywhere in the usable
+region (``requested-size`` plus the usable extent, and never less than the
+usable region is now), at most ``requested-size`` worth of blocks, so the
+estimate is what the guest can reach that way, not what was requested: as
+many memslots as the usable region touches, but no more than there are
+blocks to plug, each block in a memslot of its own. ``exact`` maps less,
+but past its budget it maps what ``dynamic`` does, so it gets the same
+bound. A device the guest keeps larger than asked (it ignores a shrink)
+costs what it maps now until the guest gives the memory back.
 
 The machine refuses a device, or a larger ``requested-size``, that would
 take the estimate of all its devices over the limit, before anything is
@@ -38,18 +44,21 @@ def metadata_estimate(mapped: int, memslots: int) -> int:
 
 
 def device_estimate(mode: MemslotMode, region_size: int, block_size: int, memslot_size: int,
-                    requested_size: int, usable_now: int = 0) -> tuple[int, int, int]:
-    """(metadata bytes, bytes mapped, memslots) of a device at ``requested_size``;
-    ``usable_now`` is its usable region now (usable mode never shrinks it
-    on a resize)."""
+                    requested_size: int, usable_now: int = 0,
+                    mapped_now: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+    """(metadata bytes, bytes mapped, memslots) a device at ``requested_size``
+    can come to, whatever the guest plugs; ``usable_now`` is its usable region
+    now (it never shrinks on a resize), ``mapped_now`` (bytes, memslots) what
+    it maps now (a guest may keep it)."""
     if mode is MemslotMode.SINGLE:
         return metadata_estimate(region_size, 1), region_size, 1
-    if mode is MemslotMode.USABLE:
-        span = max(usable_now, usable_region_size(region_size, requested_size, block_size))
-    else:
-        span = requested_size
+    span = max(usable_now, usable_region_size(region_size, requested_size, block_size))
     memslots = -(-span // memslot_size)
+    if mode is not MemslotMode.USABLE:       # a memslot is mapped only with a block in it
+        memslots = min(memslots, requested_size // block_size)
     mapped = min(memslots * memslot_size, region_size)
+    if metadata_estimate(*mapped_now) > metadata_estimate(mapped, memslots):
+        mapped, memslots = mapped_now
     return metadata_estimate(mapped, memslots), mapped, memslots
 
 
