@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,13 +118,7 @@ class VhostBackends:
         frontend = VhostUserFrontend(props.path, f"vhost-user-blk:{props.id}")
         try:
             listener = VhostMemoryListener(frontend)
-            used = sum(1 for fr in memory.address_space.flatview if fr.is_ram)
-            reserved = memory.budget.outstanding
-            if listener.limit < used + reserved:
-                raise VhostUserError(
-                    f"vhost-user-blk '{props.id}': vhost backend memory slots limit "
-                    f"({listener.limit}) is less than current number of used ({used}) and "
-                    f"reserved ({reserved}) memory slots for memory devices")
+            self._check_slots(listener, props.id)
             device = VhostUserBlk(props, frontend, memory.address_space)
             listener.quiesce_queues = device.quiesced
             memory.address_space.add_listener(listener)
@@ -141,6 +136,57 @@ class VhostBackends:
         if not frontend.connected:         # gone before the callback was there
             self._drop_consumer(backend)
         return backend
+
+    def reconnect(self, dev_id: str) -> bool:
+        """Connect a device whose back-end went to a back-end at the same path
+        again (QEMU's chardev ``reconnect=``): the same checks as :meth:`connect`,
+        a new memory listener in place of the inert old one, the budget
+        consumer back. False, nothing changed, while the back-end is not there
+        (or still connected); VhostUserError if it came back unfit."""
+        backend = self.devices[dev_id]
+        if backend.frontend.connected:
+            return False
+        memory = self.memory
+        try:
+            frontend = VhostUserFrontend(backend.props.path, backend.consumer)
+        except VhostUserError as exc:
+            log.debug("%s: not back yet: %s", backend.consumer, exc)
+            return False
+        space = memory.address_space
+        with ExitStack() as undo:                   # unwound, latest first, on a failure
+            undo.callback(frontend.close)
+            listener = VhostMemoryListener(frontend)
+            self._check_slots(listener, dev_id)
+            space.remove_listener(backend.listener)           # inert since it went
+            undo.callback(space.add_listener, backend.listener)
+            space.add_listener(listener)
+            undo.callback(space.remove_listener, listener)
+            memory.budget.add_consumer(backend.consumer, listener.free)
+            undo.callback(memory.budget.remove_consumer, backend.consumer)
+            backend.device.attach(frontend)
+            undo.pop_all()
+        listener.quiesce_queues = backend.device.quiesced
+        backend.frontend.close()
+        backend.frontend, backend.listener = frontend, listener
+        frontend.on_disconnect.append(lambda reason: self._drop_consumer(backend))
+        if not frontend.connected:         # gone again before the callback was there
+            self._drop_consumer(backend)
+        if backend.transport is not None:
+            backend.transport.reconnected()
+        log.info("%s: reconnected to the vhost-user back-end at %s", backend.consumer,
+                 backend.props.path)
+        return True
+
+    def _check_slots(self, listener: VhostMemoryListener, dev_id: str) -> None:
+        """QEMU's ``vhost_dev_init`` check: the back-end holds the RAM ranges
+        mapped now and the memslots memory devices keep reserved."""
+        used = sum(1 for fr in self.memory.address_space.flatview if fr.is_ram)
+        reserved = self.memory.budget.outstanding
+        if listener.limit < used + reserved:
+            raise VhostUserError(
+                f"vhost-user-blk '{dev_id}': vhost backend memory slots limit "
+                f"({listener.limit}) is less than current number of used ({used}) and "
+                f"reserved ({reserved}) memory slots for memory devices")
 
     def _drop_consumer(self, backend: VhostBackend) -> None:
         """A back-end that disconnected no longer limits the free memslots: QEMU's

@@ -63,6 +63,11 @@ class VhostMmioTransport(VirtioMmioTransport):
             value |= INT_USED_BUFFER
         return value
 
+    def reconnected(self) -> None:
+        """The device has a new connection: follow it (the driver still has to
+        reset the device, which shows DEVICE_NEEDS_RESET since the old one went)."""
+        self.device.frontend.on_disconnect.append(self._backend_gone)
+
     def _backend_gone(self, reason: str) -> None:
         with self._lock:
             self._violation(f"vhost-user back-end disconnected: {reason}")

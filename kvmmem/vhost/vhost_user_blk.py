@@ -99,6 +99,9 @@ class VhostUserBlkProps:
     path: str                     # the chardev's socket path
     num_queues: int = 1
     queue_size: int = QUEUE_SIZE
+    reconnect: int = 0
+    """Seconds between attempts to connect again after the back-end went (the
+    chardev's ``reconnect=``, as QEMU 7.2 spells it); 0: never."""
 
     def __post_init__(self) -> None:
         if self.num_queues != 1:
@@ -159,6 +162,24 @@ class VhostUserBlk:
             raise VhostUserError(f"vhost-user-blk '{self.id}': GET_CONFIG answered "
                                  f"{len(config)} bytes instead of {BLK_CONFIG_SIZE}")
         self._config = bytearray(config)
+
+    def attach(self, frontend: VhostUserFrontend) -> None:
+        """A new connection after the back-end went (QEMU's ``vhost_user_blk_connect``):
+        it must offer what the old one did, since the driver negotiated with that;
+        the rings start again when the driver, told DEVICE_NEEDS_RESET, resets the
+        device and sets DRIVER_OK."""
+        if frontend.features != self.frontend.features or \
+                frontend.protocol_features != self.frontend.protocol_features:
+            raise VhostUserError(f"vhost-user-blk '{self.id}': the back-end came back with other "
+                                 "features than it had")
+        _, config = frontend.query(Request.GET_CONFIG, unpack_config,
+                                   pack_config(0, bytes(BLK_CONFIG_SIZE)))
+        if config[:8] != bytes(self._config[:8]):
+            raise VhostUserError(f"vhost-user-blk '{self.id}': the back-end came back with "
+                                 "another disk size")
+        self.frontend = frontend
+        self.started = False
+        self._rings = []
 
     # -- the VirtioDevice protocol ---------------------------------------------
 

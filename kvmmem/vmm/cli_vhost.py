@@ -11,25 +11,30 @@ from kvmmem.memory import HostMemory
 from kvmmem.vmm.cli import OptionError, parse_keyval
 
 
-def chardevs(specs: list[str]) -> dict[str, str]:
-    """``-chardev socket,id=ID,path=PATH``: the socket path of each chardev."""
-    result: dict[str, str] = {}
+def chardevs(specs: list[str]) -> dict[str, tuple[str, int]]:
+    """``-chardev socket,id=ID,path=PATH[,reconnect=SECONDS]``: the socket path of
+    each chardev, and how often to connect again after the peer went (0: never)."""
+    result: dict[str, tuple[str, int]] = {}
     for text in specs:
         opts = parse_keyval("-chardev", text, "backend")
         if opts.pop("backend") != "socket":
             raise OptionError("-chardev", "only socket chardevs are supported")
         if "id" not in opts or "path" not in opts:
             raise OptionError("-chardev", "socket needs id= and path=")
-        unknown = set(opts) - {"id", "path"}
+        unknown = set(opts) - {"id", "path", "reconnect"}
         if unknown:
             raise OptionError("-chardev", f"unknown key {min(unknown)!r}")
         if opts["id"] in result:                        # QEMU's qemu_opts_create()
             raise OptionError("-chardev", f"Duplicate ID '{opts['id']}' for chardev")
-        result[opts["id"]] = opts["path"]
+        reconnect = opts.get("reconnect", "0")
+        if not reconnect.isdigit() or int(reconnect) > 3600:
+            raise OptionError("-chardev", f"reconnect={reconnect!r} is not a number of "
+                                          "seconds in 0..3600")
+        result[opts["id"]] = (opts["path"], int(reconnect))
     return result
 
 
-def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int,
+def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, tuple[str, int]], index: int,
                    in_use: Collection[str] = ()) -> Any:
     """One ``-device vhost-user-blk``; ``in_use`` are the chardevs other devices took."""
     from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
@@ -53,9 +58,10 @@ def vhost_user_blk(dev: dict[str, str], chardevs: dict[str, str], index: int,
     if dev:
         raise OptionError("-device", f"vhost-user-blk: unknown property {min(dev)!r}")
     try:
-        return VhostUserBlkProps(dev_id, chardev, chardevs[chardev],
+        path, reconnect = chardevs[chardev]
+        return VhostUserBlkProps(dev_id, chardev, path,
                                  num_queues=numbers.get("num-queues", 1),
-                                 queue_size=numbers.get("queue-size", 128))
+                                 queue_size=numbers.get("queue-size", 128), reconnect=reconnect)
     except ValueError as exc:
         raise OptionError("-device", str(exc)) from None
 

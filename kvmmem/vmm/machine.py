@@ -33,6 +33,7 @@ from kvmmem.vmm.memslot_merger import MemslotMerger
 from kvmmem.vmm.serial import Serial16550
 from kvmmem.vmm.unplugged import UnpluggedAccess, UnpluggedAccessLog
 from kvmmem.vmm.vcpu_gate import VcpuGate
+from kvmmem.vmm.vhost_reconnect import VhostReconnector
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class Machine:
             self._add_virtio_mem(props, MMIO_BASE + index * 0x1000, FIRST_GSI + index)
         for vhost_props in config.vhost_devices:
             self._add_vhost_transport(vhost_props.id)
+        self.reconnector: VhostReconnector | None = None
+        """Connects again to back-ends that went, for devices with ``reconnect``."""
+        if any(p.reconnect for p in config.vhost_devices):
+            self.reconnector = VhostReconnector(self.vhost, self.lock)
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
         self._power_on_state = self._save_cpu_and_irqchip()
@@ -399,6 +404,8 @@ class Machine:
     def close(self) -> None:
         """Unplug the memory devices, unwire the interrupts, close the VM."""
         self.merger.close()
+        if self.reconnector is not None:
+            self.reconnector.close()
         for transport in self.transports:
             transport.close()
         self.vhost.close()
