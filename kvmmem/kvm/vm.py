@@ -141,6 +141,40 @@ class Vm(FdObject):
             raise KvmError(errno.ENOENT, _SET_REGION, f"memslot {slot} is not registered")
         self.set_user_memory_region(slot, 0, 0, 0)
 
+    def set_memslot_flags(self, slot: int, flags: int) -> None:
+        """Change only the flags of a registered memslot (KVM allows nothing
+        else on a live slot): KVM_MEM_LOG_DIRTY_PAGES on or off."""
+        m = self._slots.get(slot)
+        if m is None:
+            raise KvmError(errno.ENOENT, _SET_REGION, f"memslot {slot} is not registered")
+        self.set_user_memory_region(slot, m.guest_phys_addr, m.memory_size, m.userspace_addr,
+                                    flags, host_mapped=True)
+
+    def enable_manual_dirty_log(self) -> None:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG no longer
+        write-protects what it reports; :meth:`clear_dirty_log` does, for the
+        pages the caller is about to copy (api.rst, 7.18)."""
+        self.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                        lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear (and write-protect again) the pages of
+        ``slot`` set in ``bitmap``, from ``first_page`` (a multiple of 64) for
+        ``len(bitmap) * 8`` pages, cut at the slot's end."""
+        m = self._slots.get(slot)
+        if m is None:
+            raise KvmError(errno.ENOENT, "KVM_CLEAR_DIRTY_LOG", f"memslot {slot} is not registered")
+        pages = m.memory_size // PAGE_SIZE
+        if first_page % 64 or not 0 <= first_page < pages:
+            raise KvmError(errno.EINVAL, "KVM_CLEAR_DIRTY_LOG",
+                           f"first page {first_page} is not a multiple of 64 inside {pages} pages")
+        buf = ffi.new("char[]", bitmap)
+        log = ffi.new("struct kvm_clear_dirty_log *")
+        log.slot, log.first_page = slot, first_page
+        log.num_pages = min(len(bitmap) * 8, pages - first_page)
+        log.dirty_bitmap = buf
+        self._ioctl_ptr("KVM_CLEAR_DIRTY_LOG", lib.KVM_CLEAR_DIRTY_LOG, log)
+
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of ``slot`` (needs the slot's
         KVM_MEM_LOG_DIRTY_PAGES flag); the log is reset by the call."""

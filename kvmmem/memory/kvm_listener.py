@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmmem.memory.address_space import AddressSpace, MemoryListener
+from kvmmem.memory.dirty_log import DirtyLog
 from kvmmem.memory.flatview import FlatRange
 from kvmmem.memory.host import PAGE_SIZE
 from kvmmem.memory.region import RegionKind
@@ -22,9 +23,11 @@ from kvmmem.memory.region import RegionKind
 if TYPE_CHECKING:
     from kvmmem.kvm import Vm
 
-__all__ = ["KvmMemoryListener", "MemslotRecord", "KVM_MEM_READONLY"]
+__all__ = ["KvmMemoryListener", "MemslotRecord", "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY"]
 
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0   # linux/kvm.h; KVM logs the slot's guest writes
 KVM_MEM_READONLY = 1 << 1      # linux/kvm.h; guest writes exit as MMIO
+CLEAR_CHUNK = 1 << 18          # pages per KVM_CLEAR_DIRTY_LOG: 1 GiB, a multiple of 64
 _RAM = RegionKind.RAM
 
 
@@ -59,6 +62,8 @@ class KvmMemoryListener(MemoryListener):
         # Slots freed in the current bracket, so that an undo re-creates a
         # range under its old id (a rollback leaves KVM exactly as it was).
         self._freed: dict[FlatRange, int] = {}
+        self._dirty: DirtyLog | None = None
+        self._manual_protect = False
         self.pause_vcpus: Callable[[], AbstractContextManager[object]] = nullcontext
         """What keeps the VM's vCPUs out of guest code (QEMU's ``pause_all_vcpus``):
         the machine that runs them installs its gate; no-op where none run."""
@@ -66,6 +71,69 @@ class KvmMemoryListener(MemoryListener):
     def quiesced(self) -> AbstractContextManager[object]:
         """KVM's side of a memslot replacement: no vCPU runs meanwhile."""
         return self.pause_vcpus()
+
+    # -- dirty logging (QEMU's log_global_start / log_sync / log_global_stop) ----
+
+    def start_dirty_log(self, log: DirtyLog) -> None:
+        """Log the guest's writes to every memslot this listener holds, and to
+        every one it creates from now on, into ``log`` (at :meth:`sync_dirty_log`,
+        and when a logged memslot is deleted). Manual protection is turned on
+        once per VM: a sync write-protects again only the pages it reports."""
+        if self._dirty is not None:
+            raise RuntimeError("dirty logging is already on")
+        if not self._manual_protect:
+            self.vm.enable_manual_dirty_log()
+            self._manual_protect = True
+        done = []
+        try:
+            for _, slot in self._by_start.values():
+                self.vm.set_memslot_flags(slot, self.vm.memslots[slot].flags
+                                          | KVM_MEM_LOG_DIRTY_PAGES)
+                done.append(slot)
+        except BaseException:
+            for slot in done:
+                self.vm.set_memslot_flags(slot, self.vm.memslots[slot].flags
+                                          & ~KVM_MEM_LOG_DIRTY_PAGES)
+            raise
+        self._dirty = log
+
+    def sync_dirty_log(self) -> None:
+        """Move what KVM logged since the last sync into the log (and clear it
+        in KVM, which write-protects those pages again)."""
+        if self._dirty is None:
+            raise RuntimeError("dirty logging is off")
+        for fr, slot in list(self._by_start.values()):
+            self._harvest(fr, slot)
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging; what was logged since the last sync is synced first."""
+        if self._dirty is None:
+            return
+        self.sync_dirty_log()
+        for _, slot in self._by_start.values():
+            self.vm.set_memslot_flags(slot, self.vm.memslots[slot].flags
+                                      & ~KVM_MEM_LOG_DIRTY_PAGES)
+        self._dirty = None
+
+    @property
+    def logging(self) -> bool:
+        return self._dirty is not None
+
+    def _harvest(self, fr: FlatRange, slot: int) -> None:
+        assert self._dirty is not None
+        m = self.vm.memslots[slot]
+        bitmap = self.vm.get_dirty_log(slot)
+        if not any(bitmap):
+            return
+        chunk = CLEAR_CHUNK // 8
+        for first in range(0, len(bitmap), chunk):
+            part = bitmap[first:first + chunk]
+            if any(part):
+                self.vm.clear_dirty_log(slot, first * 8, part)
+        host = fr.region.host
+        assert host is not None
+        offset = m.userspace_addr - host.address
+        self._dirty.merge(host, offset, m.memory_size // PAGE_SIZE, bitmap)
 
     def begin(self) -> None:
         self._freed.clear()
@@ -85,6 +153,8 @@ class KvmMemoryListener(MemoryListener):
         else:
             hva = region.host_address(fr.offset)
         flags = KVM_MEM_READONLY if fr.readonly else 0
+        if self._dirty is not None:
+            flags |= KVM_MEM_LOG_DIRTY_PAGES
         slot = self._freed.pop(fr, None) if self._freed else None
         if slot is not None and slot not in self.vm.memslots:
             self.vm.set_user_memory_region(slot, gpa, size, hva, flags, host_mapped=True)
@@ -102,6 +172,8 @@ class KvmMemoryListener(MemoryListener):
         if mapped is not fr and mapped != fr:
             raise RuntimeError(f"KVM listener out of sync: asked to delete {fr}, "
                                f"but {mapped} is mapped there")
+        if self._dirty is not None:      # what the guest wrote there must not be lost
+            self._harvest(mapped, slot)
         self.vm.delete_memslot(slot)
         del self._by_start[fr.start]
         self._freed[fr] = slot
