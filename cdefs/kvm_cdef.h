@@ -50,6 +50,17 @@ typedef int... __s64;
 #define KVM_SET_VCPU_EVENTS ...
 #define KVM_GET_IRQCHIP ...
 #define KVM_SET_IRQCHIP ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
+#define KVM_GET_DEBUGREGS ...
+#define KVM_SET_DEBUGREGS ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_GET_MSRS ...
+#define KVM_SET_MSRS ...
+#define KVM_GET_CLOCK ...
+#define KVM_SET_CLOCK ...
 
 /* API version and capabilities */
 #define KVM_API_VERSION ...
@@ -273,6 +284,42 @@ struct kvm_vcpu_events {
 struct kvm_irqchip {
     __u32 chip_id;
     ...;
+};
+
+/* vCPU and VM state that a snapshot saves and restores whole. */
+struct kvm_xsave {
+    ...;
+};
+
+struct kvm_xcrs {
+    ...;
+};
+
+struct kvm_debugregs {
+    ...;
+};
+
+struct kvm_clock_data {
+    __u64 clock;
+    __u32 flags;
+    ...;
+};
+
+struct kvm_msr_entry {
+    __u32 index;
+    __u32 reserved;
+    __u64 data;
+};
+
+struct kvm_msrs {
+    __u32 nmsrs;
+    __u32 pad;
+    struct kvm_msr_entry entries[];
+};
+
+struct kvm_msr_list {
+    __u32 nmsrs;
+    __u32 indices[];
 };
 
 /* The shared vCPU page: only the members kvmmem reads or writes. */

@@ -63,6 +63,20 @@ class Kvm(FdObject):
         self._ioctl_ptr("KVM_GET_SUPPORTED_CPUID", lib.KVM_GET_SUPPORTED_CPUID, cpuid.raw)
         return cpuid
 
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs whose state KVM saves and restores."""
+        probe = ffi.new("struct kvm_msr_list *", {"indices": 0})
+        try:
+            self._ioctl_ptr("KVM_GET_MSR_INDEX_LIST", lib.KVM_GET_MSR_INDEX_LIST, probe)
+        except KvmError as exc:            # E2BIG, with the count filled in
+            if exc.errno != errno.E2BIG:
+                raise
+        count = int(probe.nmsrs)
+        full = ffi.new("struct kvm_msr_list *", {"indices": count})
+        full.nmsrs = count
+        self._ioctl_ptr("KVM_GET_MSR_INDEX_LIST", lib.KVM_GET_MSR_INDEX_LIST, full)
+        return [int(full.indices[i]) for i in range(int(full.nmsrs))]
+
     def create_vm(self, machine_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new, empty VM."""
         from kvmmem.kvm.vm import Vm

@@ -88,6 +88,54 @@ class Vcpu(FdObject):
         """KVM_SET_VCPU_EVENTS."""
         self._ioctl_ptr("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
 
+    def get_xsave(self) -> Any:
+        """KVM_GET_XSAVE: the FPU, SSE and AVX state (the 4 KiB XSAVE area)."""
+        state = ffi.new("struct kvm_xsave *")
+        self._ioctl_ptr("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, state)
+        return state
+
+    def set_xsave(self, state: Any) -> None:
+        """KVM_SET_XSAVE."""
+        self._ioctl_ptr("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, state)
+
+    def get_xcrs(self) -> Any:
+        """KVM_GET_XCRS: the extended control registers (XCR0)."""
+        state = ffi.new("struct kvm_xcrs *")
+        self._ioctl_ptr("KVM_GET_XCRS", lib.KVM_GET_XCRS, state)
+        return state
+
+    def set_xcrs(self, state: Any) -> None:
+        """KVM_SET_XCRS."""
+        self._ioctl_ptr("KVM_SET_XCRS", lib.KVM_SET_XCRS, state)
+
+    def get_debugregs(self) -> Any:
+        """KVM_GET_DEBUGREGS: DR0-DR3, DR6, DR7."""
+        state = ffi.new("struct kvm_debugregs *")
+        self._ioctl_ptr("KVM_GET_DEBUGREGS", lib.KVM_GET_DEBUGREGS, state)
+        return state
+
+    def set_debugregs(self, state: Any) -> None:
+        """KVM_SET_DEBUGREGS."""
+        self._ioctl_ptr("KVM_SET_DEBUGREGS", lib.KVM_SET_DEBUGREGS, state)
+
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: (index, value) of the MSRs read, in order; KVM stops at
+        the first it cannot read, so the list may be shorter than ``indices``."""
+        msrs = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        msrs.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        done = self._ioctl_ptr("KVM_GET_MSRS", lib.KVM_GET_MSRS, msrs)
+        return [(int(msrs.entries[i].index), int(msrs.entries[i].data)) for i in range(done)]
+
+    def set_msrs(self, entries: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: how many of ``entries`` KVM set (it stops at the first refused)."""
+        msrs = ffi.new("struct kvm_msrs *", {"entries": len(entries)})
+        msrs.nmsrs = len(entries)
+        for i, (index, value) in enumerate(entries):
+            msrs.entries[i].index, msrs.entries[i].data = index, value
+        return self._ioctl_ptr("KVM_SET_MSRS", lib.KVM_SET_MSRS, msrs)
+
 
     # -- running -------------------------------------------------------------
 

@@ -287,6 +287,17 @@ class Vm(FdObject):
         """KVM_SET_PIT2: restore a state from :meth:`get_pit2`."""
         self._ioctl_ptr("KVM_SET_PIT2", lib.KVM_SET_PIT2, state)
 
+    def get_clock(self) -> Any:
+        """KVM_GET_CLOCK: the guest's kvmclock time base."""
+        state = ffi.new("struct kvm_clock_data *")
+        self._ioctl_ptr("KVM_GET_CLOCK", lib.KVM_GET_CLOCK, state)
+        return state
+
+    def set_clock(self, state: Any) -> None:
+        """KVM_SET_CLOCK (only ``clock`` counts; the flags KVM reported are cleared)."""
+        state.flags = 0
+        self._ioctl_ptr("KVM_SET_CLOCK", lib.KVM_SET_CLOCK, state)
+
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi``."""
         req = ffi.new("struct kvm_irqfd *")
