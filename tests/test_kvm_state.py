@@ -100,7 +100,7 @@ def test_a_stopped_guest_continues_in_a_new_vm(guest_elf: Path, mode: str) -> No
         for first, n, _ in blocks:                          # the same plug state
             assert request(tdev, PLUG, first, n).type is ResponseType.ACK
         t.memory.ram_host.write(0, ram)
-        for first, n, data in blocks:
+        for first, _, data in blocks:
             target.memdev.write(first * tdev.block_size, data)
         restore_vm(t.vm, vm_state)
         restore_vcpu(t.vcpu, vcpu_state)
