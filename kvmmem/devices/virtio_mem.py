@@ -373,6 +373,46 @@ class VirtioMem:
             return False
         return True
 
+    # -- snapshot ----------------------------------------------------------
+
+    def save_state(self) -> dict[str, Any]:
+        """What a snapshot keeps of the device (QEMU's ``vmstate_virtio_mem``:
+        the plug bitmap, the sizes; the memslots follow from them)."""
+        bits = self._bits()
+        return {"requested_size": self.requested_size,
+                "usable_region_size": self.usable_region_size,
+                "driver_features": self.driver_features, "needs_reset": self.needs_reset,
+                "plugged": [list(run) for run in bits.plugged_runs()]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Into a device that has nothing plugged yet: the sizes, then the saved
+        blocks plugged, with their memslots mapped (before any RAM arrives, as
+        QEMU's early virtio-mem migration does). Refused (ValueError, nothing
+        plugged) when the state does not fit the device."""
+        bits, policy = self._bits(), self._policy()
+        if bits.plugged_count:
+            raise ValueError(f"{self.id}: the device has blocks plugged already")
+        requested, usable = state["requested_size"], state["usable_region_size"]
+        check_requested_size(self.id, requested, self.region_size, self.block_size)
+        if usable % self.block_size or not requested <= usable <= self.region_size:
+            raise ValueError(f"{self.id}: usable region {usable:#x} does not fit the device")
+        runs = [(int(first), int(n)) for first, n in state["plugged"]]
+        usable_blocks = usable // self.block_size
+        if any(n <= 0 or first < 0 or first + n > usable_blocks for first, n in runs) or \
+                sum(n for _, n in runs) * self.block_size > requested:
+            raise ValueError(f"{self.id}: plugged blocks outside the usable region or beyond "
+                             "requested-size")
+        ordered = sorted(runs)
+        if any(a + n > b for (a, n), (b, _) in zip(ordered, ordered[1:])):
+            raise ValueError(f"{self.id}: overlapping plugged runs")
+        self.props.requested_size, self.usable_region_size = requested, usable
+        self.driver_features, self.needs_reset = state["driver_features"], state["needs_reset"]
+        self._apply(policy.resync(usable))
+        for first, n in ordered:          # as the guest's requests did
+            self._plug(first, n)
+        if policy.merge_pending:
+            self._apply(policy.merge(False))
+
     # -- control (QMP-like) -----------------------------------------------
 
     def set_requested_size(self, size: int) -> None:

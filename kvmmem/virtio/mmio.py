@@ -36,7 +36,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmmem.memory import MemoryRegion
 from kvmmem.memory.guest_memory import GuestMemory
@@ -377,6 +377,61 @@ class VirtioMmioTransport:
                                     queue.device, max_size=queue.max_size)
         except QueueViolation as exc:
             self._violation(f"queue {self._queue_sel}: {exc}")
+
+    # -- snapshot ------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, Any]:
+        """The register file and each queue (addresses, size, ring indices), for a
+        snapshot: numbers only, checked again by :meth:`load_state`."""
+        with self._lock:
+            return {
+                "status": self._status, "needs_reset": self._needs_reset,
+                "interrupt_status": self._interrupt_status,
+                "config_generation": self._config_generation,
+                "device_features_sel": self._device_features_sel,
+                "driver_features_sel": self._driver_features_sel,
+                "driver_features": self._driver_features,
+                "driver_features_invalid": self._driver_features_invalid,
+                "queue_sel": self._queue_sel,
+                "queues": [{"num": q.num, "desc": q.desc, "driver": q.driver, "device": q.device,
+                            "ready": q.ready,
+                            "next_avail": q.ring.next_avail if q.ring else 0,
+                            "next_used": q.ring.next_used if q.ring else 0}
+                           for q in self._queues]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The state :meth:`save_state` gave, into a transport of the same device;
+        a ring the saved addresses do not allow is refused (ValueError)."""
+        queues = state["queues"]
+        if len(queues) != len(self._queues):
+            raise ValueError(f"{self.name}: {len(queues)} queues in the state, "
+                             f"{len(self._queues)} here")
+        rings: list[SplitQueue | None] = []
+        for q, saved in zip(self._queues, queues, strict=True):
+            if not saved["ready"]:
+                rings.append(None)
+                continue
+            try:
+                rings.append(SplitQueue(self.memory, saved["num"], saved["desc"], saved["driver"],
+                                        saved["device"], max_size=q.max_size,
+                                        next_avail=saved["next_avail"],
+                                        next_used=saved["next_used"]))
+            except QueueViolation as exc:
+                raise ValueError(f"{self.name}: {exc}") from None
+        with self._lock:
+            for q, saved, ring in zip(self._queues, queues, rings, strict=True):
+                q.num, q.desc, q.driver, q.device = (saved["num"], saved["desc"], saved["driver"],
+                                                     saved["device"])
+                q.ring = ring
+            self._status = state["status"]
+            self._needs_reset = state["needs_reset"]
+            self._interrupt_status = state["interrupt_status"]
+            self._config_generation = state["config_generation"]
+            self._device_features_sel = state["device_features_sel"]
+            self._driver_features_sel = state["driver_features_sel"]
+            self._driver_features = state["driver_features"]
+            self._driver_features_invalid = state["driver_features_invalid"]
+            self._queue_sel = state["queue_sel"]
 
     # -- notifications --------------------------------------------------------------------
 

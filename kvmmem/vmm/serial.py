@@ -48,5 +48,15 @@ class Serial16550:
         elif offset not in (IIR, LSR, MSR):
             self.regs[offset] = value & 0xFF
 
+    def save_state(self) -> dict[str, str]:
+        """The registers a driver programmed (hex), for a snapshot."""
+        return {"regs": self.regs.hex(), "divisor": self.divisor.hex()}
+
+    def load_state(self, state: dict[str, str]) -> None:
+        regs, divisor = bytes.fromhex(state["regs"]), bytes.fromhex(state["divisor"])
+        if len(regs) != 8 or len(divisor) != 2:
+            raise ValueError("serial state: 8 register bytes and 2 divisor bytes expected")
+        self.regs[:], self.divisor[:] = regs, divisor
+
     def reset(self) -> None:
         self.regs[:] = bytes(8)
