@@ -43,9 +43,10 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
+        from kvmmem.migration.qmp import run_extension
         from kvmmem.vmm.cli import main as run_main
 
-        return run_main(argv[1:])
+        return run_main(argv[1:], [run_extension])
     parser = argparse.ArgumentParser(prog="kvmmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="replay the QEMU RFC's example: a 500G virtio-mem device resized "

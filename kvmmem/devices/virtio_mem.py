@@ -83,6 +83,10 @@ class VirtioMem:
         self.needs_reset = False
         self.driver_features = 0
         self.busy_log = RateLimit()
+        self.migrating = False
+        """While the machine migrates, plug state is frozen: PLUG, UNPLUG and
+        UNPLUG_ALL are answered BUSY and requested-size cannot change (QEMU's
+        ``virtio_mem_is_busy``)."""
         self.addr = -1
         self.plugged_size = 0
         self.usable_region_size = 0
@@ -223,6 +227,8 @@ class VirtioMem:
         if bits is None:
             return Response.error()
         rtype = req.type
+        if self.migrating and rtype is not RequestType.STATE:
+            return Response.busy()          # the guest retries once migration is over
         if rtype is RequestType.UNPLUG_ALL:
             try:
                 self._unplug_all()
@@ -420,6 +426,9 @@ class VirtioMem:
         check_requested_size(self.id, size, self.region_size, self.block_size)
         if size == self.requested_size:
             return
+        if self.migrating:
+            raise VirtioMemPropertyError(f"{self.id}: requested-size cannot change while the "
+                                         "machine migrates")
         if self.admit_requested_size is not None:
             try:
                 self.admit_requested_size(size)

@@ -9,6 +9,8 @@ write to read-only memory, a protected block of host memory) is refused with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvmmem.memory.address_space import AddressSpace
 from kvmmem.memory.flatview import FlatRange, FlatView
 from kvmmem.memory.host import HostMemory, HostMemoryError
@@ -31,7 +33,7 @@ class GuestMemory:
     still the current one.
     """
 
-    __slots__ = ("address_space", "_hit")
+    __slots__ = ("address_space", "_hit", "on_write")
 
     def __init__(self, address_space: AddressSpace) -> None:
         if not isinstance(address_space, AddressSpace):
@@ -39,6 +41,9 @@ class GuestMemory:
                             f"{type(address_space).__name__}")
         self.address_space = address_space
         self._hit: tuple[FlatView, FlatRange] | None = None
+        self.on_write: Callable[[HostMemory, int, int], None] | None = None
+        """Told (host memory, offset, size) of every write: migration marks the
+        pages the VMM writes (rings, responses) dirty, as KVM does the guest's."""
 
     def read(self, gpa: int, size: int) -> bytes:
         """Copy ``size`` bytes of guest RAM starting at ``gpa``."""
@@ -58,7 +63,10 @@ class GuestMemory:
         try:
             done = 0
             for fr, offset, length in pieces:
-                self._host(fr).write(offset, view[done:done + length])
+                host = self._host(fr)
+                host.write(offset, view[done:done + length])
+                if self.on_write is not None:      # KVM's dirty log does not see the VMM
+                    self.on_write(host, offset, length)
                 done += length
         except (HostMemoryError, ValueError) as exc:
             raise GuestMemoryError(f"guest write of [{gpa:#x}, +{len(view):#x}) failed: "

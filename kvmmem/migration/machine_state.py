@@ -30,7 +30,8 @@ from kvmmem.memory import PAGE_SIZE, HostMemory
 from kvmmem.migration.stream import Kind, StreamError, StreamReader, StreamWriter
 from kvmmem.vmm.machine import Machine
 
-__all__ = ["MigrationError", "load_machine", "machine_config", "save_machine"]
+__all__ = ["MigrationError", "blockers", "load_machine", "machine_config", "ram_ranges",
+           "save_machine", "send_range", "write_head", "write_tail"]
 
 CHUNK = 4 << 20                     # bytes of RAM read and sent at a time
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -60,13 +61,24 @@ def blockers(machine: Machine) -> list[str]:
 
 def save_machine(machine: Machine, out: StreamWriter) -> None:
     """Write the whole stream of a machine whose vCPU is stopped."""
+    write_head(machine, out)
+    send_ram(machine, out)
+    write_tail(machine, out)
+
+
+def write_head(machine: Machine, out: StreamWriter) -> None:
+    """The configuration and the virtio-mem states (refused with a blocker)."""
     reasons = blockers(machine)
     if reasons:
         raise MigrationError(reasons[0])
     out.json(Kind.CONFIG, "machine", machine_config(machine))
     for dev in machine.devices.values():
         out.json(Kind.STATE, f"virtio-mem:{dev.id}", dev.save_state())
-    send_ram(machine, out)
+
+
+def write_tail(machine: Machine, out: StreamWriter) -> None:
+    """The state of KVM, the vCPU, the UART and the transports, then END
+    (the vCPU must be stopped)."""
     out.json(Kind.STATE, "kvm", _vm_json(save_vm(machine.vm)))
     indices = readable_msrs(machine.vcpu, machine.kvm.get_msr_index_list())
     out.json(Kind.STATE, "cpu", [_vcpu_json(save_vcpu(machine.vcpu, indices))])
@@ -93,10 +105,15 @@ def send_ram(machine: Machine, out: StreamWriter) -> None:
         send_range(out, host, offset, size)
 
 
-def send_range(out: StreamWriter, host: HostMemory, offset: int, size: int) -> None:
-    """``[offset, offset + size)`` of ``host`` as RAM sections, zero pages left out."""
+def send_range(out: StreamWriter, host: HostMemory, offset: int, size: int,
+               skip_zero: bool = True) -> None:
+    """``[offset, offset + size)`` of ``host`` as RAM sections, zero pages left
+    out unless ``skip_zero`` is False (a page sent before may have become zero)."""
     for start in range(offset, offset + size, CHUNK):
         data = host.read(start, min(CHUNK, offset + size - start))
+        if not skip_zero:
+            out.ram(host.name, start, data)
+            continue
         run_start = None
         for page in range(0, len(data) + PAGE_SIZE, PAGE_SIZE):
             zero = page >= len(data) or data[page:page + PAGE_SIZE] == _ZERO_PAGE

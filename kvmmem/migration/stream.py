@@ -20,7 +20,7 @@ import enum
 import json
 import struct
 import zlib
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 __all__ = ["MAGIC", "MAX_NAME", "MAX_SECTION", "VERSION", "Kind", "StreamError", "StreamReader",
            "StreamWriter"]
@@ -49,7 +49,7 @@ class StreamError(ValueError):
 class StreamWriter:
     """Writes sections to a binary file object; counts the bytes written."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self.transferred = 0
         self._write(_HEADER.pack(MAGIC, VERSION))
@@ -82,7 +82,7 @@ class StreamWriter:
 class StreamReader:
     """Reads and checks sections from a binary file object."""
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: IO[bytes]) -> None:
         self.source = source
         self.position = 0
         magic, version = _HEADER.unpack(self._read(_HEADER.size, "the header"))

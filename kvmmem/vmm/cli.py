@@ -16,11 +16,15 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvmmem.devices.virtio_mem_props import VirtioMemProps
 from kvmmem.memory import HostMemory
 from kvmmem.units import MiB, SizeError, parse_size
+
+if TYPE_CHECKING:
+    from kvmmem.vmm.machine import Machine
+    from kvmmem.vmm.qmp import QmpServer
 from kvmmem.vmm.chardev import BufferedOutput, fd_writer
 from kvmmem.vmm.host_signals import HostSignals
 from kvmmem.vmm.log_output import StderrLog
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-no-reboot", dest="no_reboot", action="store_true",
                    help="exit instead of resetting when the guest resets")
     p.add_argument("-qmp", default=None, metavar="unix:PATH,server=on,wait=off")
+    p.add_argument("-incoming", default=None, metavar="file:PATH|unix:PATH|exec:CMD",
+                   help="start from a migration stream (a snapshot file, or a live migration)")
     return p
 
 
@@ -335,22 +341,32 @@ def _serial_sink(spec: str) -> Callable[[bytes], None] | None:
     raise OptionError("-serial", f"{spec!r} is not stdio, file:PATH or none")
 
 
-def main(argv: Sequence[str]) -> int:
+Extension = Callable[["Machine", "QmpServer | None", argparse.Namespace], "int | None"]
+"""A layer above the VMM that adds to ``kvmmem run`` (migration: its QMP
+commands and ``-incoming``): called once the machine is built and its QMP
+server listens, before the vCPU runs; an int ends the run with that status."""
+
+
+def main(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> int:
     """Parse, build the machine, run it; the guest's exit status is ours
     (0 when SIGINT, SIGTERM or SIGHUP ended it, as in QEMU)."""
     args = parse_args(argv)
+    if args.incoming is not None and not extensions:
+        print("kvmmem run: -incoming: migration is not available here", file=sys.stderr)
+        return 2
     signals = HostSignals()
     # log calls never wait on stderr (the vCPU may hold Machine.lock); created after
     # the host signals are blocked, so that its thread does not take them either
     logs = StderrLog()
     try:
-        return _build_and_run(args, signals)
+        return _build_and_run(args, signals, extensions)
     finally:
         signals.close()
         logs.close()
 
 
-def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
+def _build_and_run(args: argparse.Namespace, signals: HostSignals,
+                   extensions: Sequence[Extension] = ()) -> int:
     from kvmmem.kvm import KvmError
     from kvmmem.vmm.machine import Machine
 
@@ -383,6 +399,10 @@ def _build_and_run(args: argparse.Namespace, signals: HostSignals) -> int:
                 print(f"kvmmem run: -qmp: {exc}", file=sys.stderr)
                 return 2
         signals.attach(machine, server)
+        for extension in extensions:
+            status = extension(machine, server, args)
+            if status is not None:
+                return status
         if server is not None and qmp_wait:
             # QEMU's tcp_chr_wait_connected(): nothing runs until a client is
             # there; a host signal meanwhile stops the machine, which then
