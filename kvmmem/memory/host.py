@@ -212,6 +212,28 @@ class HostMemory:
         self._check_bytes(offset, size)
         return self._map[offset:offset + size]
 
+    def maybe_data(self, offset: int, size: int) -> list[bool]:
+        """Per page of ``[offset, offset + size)``: False where the page is surely
+        zero without reading it, True where it may hold data. A private mapping's
+        page that was never touched is neither present nor swapped out
+        (``/proc/self/pagemap``, bits 63 and 62: kernel's
+        ``Documentation/admin-guide/mm/pagemap.rst``), so it still reads as zero;
+        reading it would map the zero page and cost page tables. A shared
+        (memfd) page may be written through another mapping: always True."""
+        self._check_bytes(offset, size)
+        pages = -(-size // PAGE_SIZE)
+        if self.shared:
+            return [True] * pages
+        try:
+            with open("/proc/self/pagemap", "rb") as f:
+                f.seek((self.address + offset) // PAGE_SIZE * 8)
+                raw = f.read(pages * 8)
+        except OSError:
+            return [True] * pages
+        if len(raw) != pages * 8:
+            return [True] * pages
+        return [bool(int.from_bytes(raw[i:i + 8], "little") >> 62) for i in range(0, len(raw), 8)]
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset`` (refuses protected memory instead of faulting)."""
         self._check_bytes(offset, len(data))

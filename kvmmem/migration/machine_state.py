@@ -30,10 +30,11 @@ from kvmmem.memory import PAGE_SIZE, HostMemory
 from kvmmem.migration.stream import Kind, StreamError, StreamReader, StreamWriter
 from kvmmem.vmm.machine import Machine
 
-__all__ = ["MigrationError", "blockers", "load_machine", "machine_config", "ram_ranges",
+__all__ = ["MigrationError", "blockers", "load_machine", "machine_config", "msr_indices",
+           "ram_ranges",
            "save_machine", "send_range", "write_head", "write_tail"]
 
-CHUNK = 4 << 20                     # bytes of RAM read and sent at a time
+CHUNK = 256 << 10                   # bytes of RAM read and sent at a time
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -76,11 +77,16 @@ def write_head(machine: Machine, out: StreamWriter) -> None:
         out.json(Kind.STATE, f"virtio-mem:{dev.id}", dev.save_state())
 
 
-def write_tail(machine: Machine, out: StreamWriter) -> None:
+def msr_indices(machine: Machine) -> list[int]:
+    """The MSRs to save (found out before the downtime: it takes some probing)."""
+    return readable_msrs(machine.vcpu, machine.kvm.get_msr_index_list())
+
+
+def write_tail(machine: Machine, out: StreamWriter, msrs: list[int] | None = None) -> None:
     """The state of KVM, the vCPU, the UART and the transports, then END
     (the vCPU must be stopped)."""
     out.json(Kind.STATE, "kvm", _vm_json(save_vm(machine.vm)))
-    indices = readable_msrs(machine.vcpu, machine.kvm.get_msr_index_list())
+    indices = msr_indices(machine) if msrs is None else msrs
     out.json(Kind.STATE, "cpu", [_vcpu_json(save_vcpu(machine.vcpu, indices))])
     out.json(Kind.STATE, "serial", machine.serial.save_state())
     for transport in machine.transports:
@@ -110,18 +116,34 @@ def send_range(out: StreamWriter, host: HostMemory, offset: int, size: int,
     """``[offset, offset + size)`` of ``host`` as RAM sections, zero pages left
     out unless ``skip_zero`` is False (a page sent before may have become zero)."""
     for start in range(offset, offset + size, CHUNK):
-        data = host.read(start, min(CHUNK, offset + size - start))
+        length = min(CHUNK, offset + size - start)
         if not skip_zero:
-            out.ram(host.name, start, data)
+            out.ram(host.name, start, host.read(start, length))
             continue
-        run_start = None
-        for page in range(0, len(data) + PAGE_SIZE, PAGE_SIZE):
-            zero = page >= len(data) or data[page:page + PAGE_SIZE] == _ZERO_PAGE
-            if not zero and run_start is None:
-                run_start = page
-            elif zero and run_start is not None:
-                out.ram(host.name, start + run_start, data[run_start:page])
-                run_start = None
+        maybe = host.maybe_data(start, length)     # never-touched pages are not read
+        page = 0
+        while page < len(maybe):
+            if not maybe[page]:
+                page += 1
+                continue
+            end = page
+            while end < len(maybe) and maybe[end]:
+                end += 1
+            _send_nonzero(out, host, start + page * PAGE_SIZE,
+                          host.read(start + page * PAGE_SIZE, (end - page) * PAGE_SIZE))
+            page = end
+
+
+def _send_nonzero(out: StreamWriter, host: HostMemory, offset: int, data: bytes) -> None:
+    """``data`` (whole pages read at ``offset``) as RAM sections, zero pages left out."""
+    run_start = None
+    for page in range(0, len(data) + PAGE_SIZE, PAGE_SIZE):
+        zero = page >= len(data) or data[page:page + PAGE_SIZE] == _ZERO_PAGE
+        if not zero and run_start is None:
+            run_start = page
+        elif zero and run_start is not None:
+            out.ram(host.name, offset + run_start, data[run_start:page])
+            run_start = None
 
 
 def _vm_json(state: VmState) -> dict[str, Any]:

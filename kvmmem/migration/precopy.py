@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from kvmmem.memory.dirty_log import DirtyLog
-from kvmmem.migration.machine_state import ram_ranges, send_range, write_head, write_tail
+from kvmmem.migration.machine_state import msr_indices, ram_ranges, send_range, write_head, write_tail
 from kvmmem.migration.stream import StreamWriter
 from kvmmem.vmm.machine import Machine
 
@@ -116,6 +116,7 @@ class MigrationJob:
                 logging_on = True
                 machine.guest_memory.on_write = dirty.mark
                 ranges = ram_ranges(machine)
+                msrs = msr_indices(machine)
             self.setup_ms = (time.monotonic() - started) * 1e3
             self._set("active")
             self.total = sum(size for _, _, size in ranges)
@@ -154,7 +155,7 @@ class MigrationJob:
                 machine.memory.kvm_listener.sync_dirty_log()
                 for host, offset, length in dirty.take():
                     send_range(writer, host, offset, length, skip_zero=False)
-                write_tail(machine, writer)
+                write_tail(machine, writer, msrs)
                 self._finish_logging(logging_on)
                 logging_on = False
             self.downtime_ms = (time.monotonic() - down) * 1e3
