@@ -60,6 +60,7 @@ bench: $(EXT) $(BENCH_STAMP)
 	$(PY) scripts/bench_request_breakdown.py
 	$(PY) scripts/bench_vhost.py
 	$(PY) scripts/bench_dirty_log.py
+	$(PY) scripts/bench_migration.py
 	$(PY) scripts/bench_slots.py --device-size 1T --plugged 0,1,16,64 --qemu --patterns \
 		--json bench-results/slots-1t.json
 	$(PY) scripts/bench_slots.py --device-size 64T --modes single,dynamic --plugged 0,1,16,64 \
