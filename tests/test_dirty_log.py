@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import re
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from serial_lines import SerialLines
+from test_kvm_state import wait_until
 from vmem_helpers import PLUG, UNPLUG, GiB, MiB, request
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
@@ -33,14 +32,6 @@ pytestmark = pytest.mark.kvm
 PLUGGED = 896 * MiB
 PAGE = 4096
 ROUND = re.compile(r"hammer round=(\d+)")
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.005)
 
 
 def device_pages(log: DirtyLog, memdev: HostMemory) -> set[int]:

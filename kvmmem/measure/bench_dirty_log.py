@@ -33,6 +33,7 @@ MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 
 
 def _rss() -> int:
+    """This process's resident set, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):

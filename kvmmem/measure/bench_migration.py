@@ -28,6 +28,7 @@ from typing import Any
 from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.measure import kmem
+from kvmmem.measure.bench_dirty_log import _rss
 from kvmmem.memory import HostMemory
 from kvmmem.migration.machine_state import load_machine
 from kvmmem.migration.precopy import MigrationJob
@@ -38,14 +39,6 @@ MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 ROOT = Path(__file__).resolve().parents[2]
 GUEST = ROOT / "build" / "guest" / "guest.elf"
 ROUND = re.compile(rb"hammer round=(\d+)")
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _machine(mode: str, device_size: int, plugged: int, guest: Path,
