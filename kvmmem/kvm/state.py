@@ -24,6 +24,7 @@ from kvmmem.kvm.vm import Vm
 __all__ = ["VcpuState", "VmState", "readable_msrs", "restore_vcpu", "restore_vm", "save_vcpu",
            "save_vm"]
 
+MSR_IA32_TSC_DEADLINE = 0x6E0
 IRQCHIPS = (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)
 
 
@@ -100,6 +101,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
                        f"{len(state.msrs)} set)")
     vcpu.set_mp_state(state.mp_state)
     vcpu.set_lapic(_struct("struct kvm_lapic_state", state.lapic))
+    # The TSC deadline is dropped while the LAPIC timer is not in deadline
+    # mode, which it is only now: set again (QEMU's kvm_put_tscdeadline_msr).
+    deadline = [(index, value) for index, value in state.msrs if index == MSR_IA32_TSC_DEADLINE]
+    if deadline and vcpu.set_msrs(deadline) != 1:
+        raise KvmError(0, "KVM_SET_MSRS", "the TSC deadline was refused")
     vcpu.set_vcpu_events(_struct("struct kvm_vcpu_events", state.events))
     vcpu.set_debugregs(_struct("struct kvm_debugregs", state.debugregs))
 

@@ -102,6 +102,8 @@ class LinuxGuest:
     extra_cmdline: str = ""
     drop_options: Sequence[str] = ()
     """Options of build/linux/cmdline to leave out (to make a guest fail)."""
+    extra_options: Sequence[str] = ()
+    """More ``kvmmem run`` options (``-incoming file:PATH``, say)."""
     lines: list[tuple[float, str]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -126,7 +128,7 @@ class LinuxGuest:
             args += dev.options(index)
         return args + ["-kernel", str(self.kernel), "-serial", "stdio",
                        "-qmp", f"unix:{self.sock},server=on,wait=off",
-                       "-append", f"{cmdline} {self.extra_cmdline}".strip()]
+                       "-append", f"{cmdline} {self.extra_cmdline}".strip(), *self.extra_options]
 
     def __enter__(self) -> Self:
         self.started = time.monotonic()

@@ -10,6 +10,7 @@ report line or an event, with a generous deadline.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,34 @@ def test_system_reset_reprobes_and_replugs(kernel: Path) -> None:
         [info] = [d["data"] for d in guest.cmd("query-memory-devices")]
         assert (info["size"], info["requested-size"]) == (size, size)
         assert again.memslots("vmem0") == again.expected_memslots("vmem0", info)
+
+
+def test_a_snapshot_restores_into_a_new_vmm_and_the_guest_goes_on(kernel: Path,
+                                                                   tmp_path: Path) -> None:
+    """QMP stop + migrate to a file, then ``kvmmem run -incoming file:``: the
+    restored kernel's monitor lines go on (no boot, no new probe), and its
+    driver plugs and unplugs as before (issue 21)."""
+    path = tmp_path / "snapshot"
+    device = Device("vmem0", DEVICE_SIZE)
+    with LinuxGuest([device]) as guest:
+        session = Session.boot_guest(guest)
+        session.resize("vmem0", 512 * MiB)
+        guest.cmd("stop")
+        guest.cmd("migrate", uri=f"file:{path}")
+        deadline = time.monotonic() + STEP_TIMEOUT      # (wait_for wants a running VM)
+        while guest.cmd("query-migrate").get("status") != "completed":
+            assert time.monotonic() < deadline, guest.cmd("query-migrate")
+            time.sleep(0.05)
+        boot, names = session.boot, session.names
+    with LinuxGuest([device], extra_options=["-incoming", f"file:{path}"]) as restored:
+        again = Session(restored, boot, names)
+        report = restored.wait_report("a report from the restored guest",
+                                      lambda r: again.settled(r, {"vmem0": 512 * MiB}), 0,
+                                      STEP_TIMEOUT)
+        again.steady(report)
+        assert restored.probe_lines() == {}        # the driver did not probe again: no boot
+        again.resize("vmem0", 1 * GiB)
+        again.resize("vmem0", 256 * MiB)
 
 
 def test_two_devices_resize_independently(kernel: Path) -> None:
