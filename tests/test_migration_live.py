@@ -176,3 +176,22 @@ def test_a_cancelled_migration_leaves_the_source_running(vms, tmp_path: Path) ->
                        value=512 << 20)
     assert source.qmp.execute("qom-get", path="/machine/peripheral/vmem0",
                               property="requested-size") == 512 << 20
+
+
+def test_incoming_defer_takes_the_uri_from_migrate_incoming(vms, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sock = str(tmp_path / "later.sock")
+    dest = vms("dest", "dynamic", "-incoming", "defer")
+    with pytest.raises(RuntimeError, match="invalid migration URI 'tcp:1'"):
+        dest.qmp.execute("migrate-incoming", uri="tcp:1")
+    assert not os.path.exists(sock)                     # nothing listens before the command
+    dest.qmp.execute("migrate-incoming", uri=f"unix:{sock}")
+    with pytest.raises(RuntimeError, match="already been started"):
+        dest.qmp.execute("migrate-incoming", uri=f"unix:{sock}")
+    source = vms("source", "dynamic")
+    wait_until(lambda: source.rounds(), "the source guest did not hammer")
+    wait_until(lambda: os.path.exists(sock), "the destination does not listen")
+    source.qmp.execute("migrate", uri=f"unix:{sock}")
+    assert wait_until(lambda: migration_done(source.qmp), "no migration")["status"] == "completed"
+    last = source.rounds()[-1]
+    wait_until(lambda: len(dest.rounds()) >= 2, "the destination guest did not go on")
+    assert dest.rounds()[0] > last - 64 and dest.rounds()[0] >= 64, (last, dest.rounds()[:3])

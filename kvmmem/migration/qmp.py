@@ -15,7 +15,8 @@ Commands (added to a :class:`~kvmmem.vmm.qmp_commands.MachineMonitor`):
   ``max-bandwidth`` in bytes a second) and ``query-migrate-parameters``.
 
 ``incoming(machine, uri)`` loads a stream into a machine before it runs
-(``kvmmem run ... -incoming file:PATH | unix:PATH | exec:CMD``).
+(``kvmmem run ... -incoming file:PATH | unix:PATH | exec:CMD``); with
+``-incoming defer`` the URI comes later with QMP ``migrate-incoming``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -91,6 +93,29 @@ class MigrationCommands:
                         {"*downtime-limit": "int", "*max-bandwidth": "int"}),
                 Command("query-migrate-parameters", self._parameters)):
             monitor.commands[command.name] = command
+
+    def wait_for_incoming(self, stop: Callable[[], bool]) -> str | None:
+        """``-incoming defer``: offer ``migrate-incoming`` and wait for its URI
+        (None if ``stop`` says the machine is to end meanwhile)."""
+        arrived: list[str] = []
+        event = threading.Event()
+
+        def migrate_incoming(args: dict[str, Any]) -> None:
+            if event.is_set():
+                raise QmpError("The incoming migration has already been started")
+            kind = str(args["uri"]).partition(":")[0]
+            if kind not in ("file", "unix", "exec"):
+                raise QmpError(f"invalid migration URI {args['uri']!r}: file:PATH, unix:PATH "
+                               "or exec:CMD")
+            arrived.append(args["uri"])
+            event.set()
+
+        self.monitor.commands["migrate-incoming"] = Command("migrate-incoming", migrate_incoming,
+                                                            {"uri": "str"})
+        while not event.wait(0.2):
+            if stop():
+                return None
+        return arrived[0]
 
     def _migrate(self, args: dict[str, Any]) -> None:
         if self.job is not None and not self.job.finished:
@@ -184,12 +209,21 @@ def incoming(machine: Machine, uri: str, stop: Callable[[], bool] = lambda: Fals
 def run_extension(machine: Machine, server: QmpServer | None, args: argparse.Namespace) -> int | None:
     """``kvmmem run``'s migration: the QMP commands, and ``-incoming`` loaded
     before the vCPU runs (a stream that cannot be loaded: one line, status 1)."""
-    if server is not None:
-        MigrationCommands(machine, server.monitor)
+    commands = MigrationCommands(machine, server.monitor) if server is not None else None
     if args.incoming is None:
         return None
+    uri = args.incoming
+    if uri == "defer":                        # the URI comes with migrate-incoming
+        if commands is None:
+            print("kvmmem run: -incoming: defer needs -qmp (migrate-incoming gives the URI)",
+                  file=sys.stderr)
+            return 2
+        deferred = commands.wait_for_incoming(lambda: machine.stop_requested)
+        if deferred is None:
+            return 0
+        uri = deferred
     try:
-        took = incoming(machine, args.incoming, lambda: machine.stop_requested)
+        took = incoming(machine, uri, lambda: machine.stop_requested)
     except (StreamError, OSError, ValueError) as exc:
         if machine.stop_requested:
             return 0
