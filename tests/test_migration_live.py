@@ -195,3 +195,18 @@ def test_incoming_defer_takes_the_uri_from_migrate_incoming(vms, tmp_path: Path)
     last = source.rounds()[-1]
     wait_until(lambda: len(dest.rounds()) >= 2, "the destination guest did not go on")
     assert dest.rounds()[0] > last - 64 and dest.rounds()[0] >= 64, (last, dest.rounds()[:3])
+
+
+def test_a_reset_during_the_migration_fails_it_and_the_source_runs_on(vms, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source = vms("source", "dynamic")
+    wait_until(lambda: source.rounds(), "the guest did not hammer")
+    source.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+    source.qmp.execute("migrate", uri=f"file:{tmp_path / 'stream'}")
+    wait_until(lambda: source.qmp.execute("query-migrate")["status"] == "active", "not active")
+    source.qmp.execute("system_reset")          # everything unplugged after the state went out
+    info = wait_until(lambda: migration_done(source.qmp), "the migration did not end", 120)
+    assert info["status"] == "failed", info
+    assert "reset during the migration" in info["error-desc"]
+    assert source.qmp.execute("query-status")["status"] == "running"
+    before = len(source.rounds())               # the rebooted guest plugs and hammers again
+    wait_until(lambda: len(source.rounds()) > before, "the source guest did not go on")

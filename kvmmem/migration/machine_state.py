@@ -23,6 +23,7 @@ are not followed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kvmmem.kvm.state import VcpuState, VmState, readable_msrs, restore_vcpu, restore_vm, save_vcpu, save_vm
@@ -112,10 +113,14 @@ def send_ram(machine: Machine, out: StreamWriter) -> None:
 
 
 def send_range(out: StreamWriter, host: HostMemory, offset: int, size: int,
-               skip_zero: bool = True) -> None:
+               skip_zero: bool = True, each_chunk: Callable[[], None] | None = None) -> None:
     """``[offset, offset + size)`` of ``host`` as RAM sections, zero pages left
-    out unless ``skip_zero`` is False (a page sent before may have become zero)."""
+    out unless ``skip_zero`` is False (a page sent before may have become zero);
+    ``each_chunk`` is called before each chunk (a migration checks for a cancel
+    and keeps to its bandwidth there)."""
     for start in range(offset, offset + size, CHUNK):
+        if each_chunk is not None:
+            each_chunk()
         length = min(CHUNK, offset + size - start)
         if not skip_zero:
             out.ram(host.name, start, host.read(start, length))

@@ -23,6 +23,7 @@ MIGRATION event).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,7 +31,14 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from kvmmem.memory.dirty_log import DirtyLog
-from kvmmem.migration.machine_state import msr_indices, ram_ranges, send_range, write_head, write_tail
+from kvmmem.migration.machine_state import (
+    MigrationError,
+    msr_indices,
+    ram_ranges,
+    send_range,
+    write_head,
+    write_tail,
+)
 from kvmmem.migration.stream import StreamWriter
 from kvmmem.vmm.machine import Machine
 
@@ -68,6 +76,7 @@ class MigrationJob:
         self._out, self._close, self._on_status = out, close, on_status
         self._writer: StreamWriter | None = None
         self._cancel = threading.Event()
+        self._abort: str | None = None
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     @property
@@ -95,8 +104,17 @@ class MigrationJob:
         self._on_status(status)
 
     def _check(self) -> None:
+        if self._abort is not None:
+            raise MigrationError(self._abort)
         if self._cancel.is_set():
             raise MigrationCancelled
+
+    def _machine_reset(self, resets: int) -> None:
+        """A reset unplugs every block after the plug state went out: the
+        destination could not have the guest's memory. Fail at once, so that
+        the rebooted guest's plug requests are not answered BUSY for long."""
+        self._abort = ("the machine was reset during the migration, so its memory devices "
+                       "are not as they were sent")
 
     # -- the migration thread -----------------------------------------------------
 
@@ -107,6 +125,7 @@ class MigrationJob:
         stopped_here = False
         logging_on = False
         try:
+            machine.reset_notifiers.add(self._machine_reset)
             with machine.lock:
                 writer = self._writer = StreamWriter(self._out)
                 for dev in machine.devices.values():
@@ -117,16 +136,17 @@ class MigrationJob:
                 machine.guest_memory.on_write = dirty.mark
                 ranges = ram_ranges(machine)
                 msrs = msr_indices(machine)
+                resets = machine.resets
+                early = {dev.id: dev.save_state() for dev in machine.devices.values()}
             self.setup_ms = (time.monotonic() - started) * 1e3
             self._set("active")
             self.total = sum(size for _, _, size in ranges)
             self.remaining = self.total
             t0 = time.monotonic()
+            pace = functools.partial(self._throttle, t0)
             for host, offset, size in ranges:               # the first pass
-                self._check()
-                send_range(writer, host, offset, size)
+                send_range(writer, host, offset, size, each_chunk=pace)
                 self.remaining -= size
-                self._throttle(t0)
             bandwidth = self.transferred / max(time.monotonic() - t0, 1e-6)
             while True:
                 self._check()
@@ -143,15 +163,23 @@ class MigrationJob:
                         dirty.mark(host, offset, length)
                     break
                 sent_before = self.transferred
+                pace = functools.partial(self._throttle, t0)
                 for host, offset, length in runs:
-                    self._check()
-                    send_range(writer, host, offset, length, skip_zero=False)
+                    send_range(writer, host, offset, length, skip_zero=False, each_chunk=pace)
                 bandwidth = (self.transferred - sent_before) / max(time.monotonic() - t0, 1e-6)
             self._check()
             down = time.monotonic()
             machine.pause()
             stopped_here = True
             with machine.lock:
+                # The plug state went out first; a reset (which unplugs
+                # everything) or anything else that changed it since would
+                # leave the destination with other memory than the guest's.
+                self._check()
+                if machine.resets != resets or early != {
+                        dev.id: dev.save_state() for dev in machine.devices.values()}:
+                    raise MigrationError("the machine was reset during the migration, so its "
+                                         "memory devices are not as they were sent")
                 machine.memory.kvm_listener.sync_dirty_log()
                 for host, offset, length in dirty.take():
                     send_range(writer, host, offset, length, skip_zero=False)
@@ -181,6 +209,8 @@ class MigrationJob:
 
     def _finish_logging(self, logging_on: bool) -> None:
         machine = self.machine
+        if self._machine_reset in machine.reset_notifiers:
+            machine.reset_notifiers.remove(self._machine_reset)
         if logging_on:
             machine.memory.kvm_listener.stop_dirty_log()
         machine.guest_memory.on_write = None
@@ -188,11 +218,15 @@ class MigrationJob:
             dev.migrating = False
 
     def _throttle(self, t0: float) -> None:
-        """Keep the average under ``max_bandwidth`` (QEMU's max-bandwidth)."""
+        """Check for a cancel or an abort, and keep the average since ``t0``
+        under ``max_bandwidth`` (QEMU's max-bandwidth)."""
+        self._check()
         if self.max_bandwidth:
             ahead = self.transferred / self.max_bandwidth - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
+            while ahead > 0:
+                self._check()
+                time.sleep(min(ahead, 0.05))
+                ahead = self.transferred / self.max_bandwidth - (time.monotonic() - t0)
 
     def info(self) -> dict[str, Any]:
         """``query-migrate``'s reply, in QEMU's names."""
