@@ -284,3 +284,23 @@ def test_sigterm_ends_kvmmem_run_while_a_backend_drips_its_reply(guest_elf, qsd,
         proxy.close()
     assert proc.returncode == 0, err
     assert "SET_FEATURES failed" in err and "Traceback" not in err, err
+
+
+def test_rings_the_backend_will_not_restart_after_a_memory_change_drop_it(rig_with) -> None:  # type: ignore[no-untyped-def]
+    armed = [False]
+    fault = Fault(refuse=lambda req, payload: armed[0] and req is VR.SET_VRING_ADDR)
+    rig = rig_with(fault, mode="exact")
+    rig.start_driver()
+    # 4 GiB next to a 32-slot back-end: exact may map 4 memslots. Blocks 0, 3, 5
+    # and 7 take them; block 9 makes grid memslot 0 coarse, replacing the four
+    # memslots under plugged memory (the back-end is stopped and restarted).
+    for block in (0, 3, 5, 7):
+        assert rig.send(RequestType.PLUG, block) == "ACK"
+    assert rig.dev.nb_memslots == 4
+    armed[0] = True
+    assert rig.send(RequestType.PLUG, 9) == "ACK"
+    assert rig.dev.nb_memslots < 5 and rig.disk.device.pauses
+    assert "SET_VRING_ADDR" in fault.seen       # the restart after it was refused
+    # the disk shows it needs a reset (it was only logged before); memory went on
+    assert rig.gone() and rig.disk_needs_reset()
+    rig.check_vm_goes_on()

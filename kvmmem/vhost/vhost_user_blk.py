@@ -332,9 +332,11 @@ class VhostUserBlk:
         except BackendGone:
             return
         except (VhostUserError, UnassignedAccessError) as exc:
+            # Rings the back-end no longer serves: as a back-end that went, so
+            # that the transport shows DEVICE_NEEDS_RESET and the VM runs on.
             log.error("vhost-user-blk '%s': restarting the back-end after a memory change "
-                      "failed, the device needs a reset: %s", self.id, exc)
-            self.needs_reset = True
+                      "failed: %s", self.id, exc)
+            self.frontend.fail(f"restarting the rings after a memory change failed: {exc}")
 
     def _wait_idle(self) -> None:
         """Until the back-end has completed every request the driver made available."""
