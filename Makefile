@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXT    := kvmmem/.cffi-built
 CDEFS  := $(wildcard cdefs/*.h) cdefs/build_kvm.py
 
-.PHONY: all demo test bench clean distclean linux-guest test-linux
+.PHONY: all demo test test-slow bench clean distclean linux-guest test-linux
 
 include tests/guest/Makefile.inc
 
@@ -30,12 +30,18 @@ demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
 # Static checks first (config in pyproject.toml), then the suite on both
-# cores (pytest-xdist: serially it takes about 2 minutes); the Linux tests
-# (marker `linux`) are left to `make test-linux`.
+# cores (pytest-xdist: serially it takes over 3 minutes); the Linux tests
+# (marker `linux`) are left to `make test-linux`, the slow ones to `make test-slow`.
 test: $(EXT) $(GUEST_ELF)
 	$(PY) -m ruff check
 	$(PY) -m mypy --strict kvmmem
-	$(PY) -m pytest -q -n 2 -m "not linux"
+	$(PY) -m pytest -q -n 2 -m "not linux and not slow"
+
+# Tests that wait on purpose: a throttled qemu-storage-daemon keeping I/O in
+# flight across memslot changes, vhost-user reply deadlines, a soak with a
+# back-end that comes and goes (marker `slow`).
+test-slow: $(EXT) $(GUEST_ELF)
+	$(PY) -m pytest -q -n 2 -m "slow and not linux"
 
 # The Linux test kernel (issue 11): built once, then reused from ~/.cache/kvmmem/linux.
 linux-guest:

@@ -26,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vhost: the test needs qemu-storage-daemon "
                             "(qemu-system-common, with qemu-utils)")
     config.addinivalue_line("markers", "linux: the test boots the Linux test kernel (make test-linux)")
+    config.addinivalue_line("markers", "slow: the test waits out back-end I/O or deadlines on "
+                            "purpose (make test-slow)")
 
 
 # Markers of tests that may skip locally but never under CI.

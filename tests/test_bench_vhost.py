@@ -9,7 +9,7 @@ from vhost_helpers import start_backend
 
 from kvmmem.measure.bench_vhost import io_pauses
 
-pytestmark = [pytest.mark.kvm, pytest.mark.vhost]
+pytestmark = [pytest.mark.kvm, pytest.mark.vhost, pytest.mark.slow]
 
 
 def test_io_pauses_under_a_busy_disk(tmp_path: Path) -> None:

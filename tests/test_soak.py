@@ -23,6 +23,7 @@ def test_fds_threads_and_memslots_stay_flat_over_resizes_resets_and_connects(gue
 
 
 @pytest.mark.vhost
+@pytest.mark.slow
 def test_fds_and_threads_stay_flat_while_the_disks_backend_comes_and_goes(guest_elf) -> None:  # type: ignore[no-untyped-def]
     samples = soak.soak(guest_elf, cycles=12, reset_every=4, connects=1, vhost_restart_every=2)
     assert samples[-1].restarts == 6 and samples[-1].resets == 3

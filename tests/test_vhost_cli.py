@@ -131,6 +131,7 @@ def test_a_backend_that_is_not_there_is_refused_in_one_line(tmp_path: Path, gues
 
 @pytest.mark.kvm
 @pytest.mark.vhost
+@pytest.mark.slow
 def test_a_busy_backend_is_one_line_and_a_signal_while_waiting_for_it_exits_0(
         tmp_path: Path, guest_elf: Path) -> None:
     """qemu-storage-daemon serves one front-end at a time: while another holds

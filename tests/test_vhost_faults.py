@@ -249,6 +249,7 @@ def test_usable_requested_size_with_a_malformed_ack_keeps_one_consistent_state(r
     rig.check_vm_goes_on()
 
 
+@pytest.mark.slow
 def test_sigterm_ends_kvmmem_run_while_a_backend_drips_its_reply(guest_elf, qsd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A reply coming one byte every 2 s (20 bytes: 40 s, each byte well within
     the per-recv timeout it used to get) held the vCPU thread, under the machine

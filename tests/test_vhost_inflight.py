@@ -47,7 +47,7 @@ from kvmmem.memory import HostMemory
 from kvmmem.vhost.vhost_user_blk import VhostUserBlkProps
 from kvmmem.vmm.machine import Machine, MachineConfig
 
-pytestmark = [pytest.mark.kvm, pytest.mark.vhost]
+pytestmark = [pytest.mark.kvm, pytest.mark.vhost, pytest.mark.slow]
 
 BLOCK = 2 * MiB
 IO = 512 * 1024                     # bytes per request: in flight for ~0.4 s at BPS
