@@ -33,7 +33,6 @@ from typing import IO, Any
 from kvmmem.memory.dirty_log import DirtyLog
 from kvmmem.migration.machine_state import (
     MigrationError,
-    msr_indices,
     ram_ranges,
     send_range,
     write_head,
@@ -135,7 +134,6 @@ class MigrationJob:
                 logging_on = True
                 machine.guest_memory.on_write = dirty.mark
                 ranges = ram_ranges(machine)
-                msrs = msr_indices(machine)
                 resets = machine.resets
                 early = {dev.id: dev.save_state() for dev in machine.devices.values()}
             self.setup_ms = (time.monotonic() - started) * 1e3
@@ -183,7 +181,10 @@ class MigrationJob:
                 machine.memory.kvm_listener.sync_dirty_log()
                 for host, offset, length in dirty.take():
                     send_range(writer, host, offset, length, skip_zero=False)
-                write_tail(machine, writer, msrs)
+                # (the MSRs are probed here, with the vCPU stopped: from another
+                # thread KVM_GET_MSRS waits for the vCPU to leave KVM_RUN, which
+                # an idle guest may not do for half a second)
+                write_tail(machine, writer)
                 self._finish_logging(logging_on)
                 logging_on = False
             self.downtime_ms = (time.monotonic() - down) * 1e3
