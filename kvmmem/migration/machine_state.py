@@ -79,7 +79,8 @@ def write_head(machine: Machine, out: StreamWriter) -> None:
 
 
 def msr_indices(machine: Machine) -> list[int]:
-    """The MSRs to save (found out before the downtime: it takes some probing)."""
+    """The MSRs to save: those of KVM's index list this vCPU can read (call with
+    the vCPU stopped: KVM_GET_MSRS from another thread waits for KVM_RUN to end)."""
     return readable_msrs(machine.vcpu, machine.kvm.get_msr_index_list())
 
 
