@@ -30,7 +30,7 @@ demo: $(EXT) $(GUEST_ELF)
 	$(PY) -m kvmmem demo
 
 # Static checks first (config in pyproject.toml), then the suite on both
-# cores (pytest-xdist: serially it takes over 3 minutes); the Linux tests
+# cores (pytest-xdist); the Linux tests
 # (marker `linux`) are left to `make test-linux`, the slow ones to `make test-slow`.
 test: $(EXT) $(GUEST_ELF)
 	$(PY) -m ruff check

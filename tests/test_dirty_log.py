@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from serial_lines import SerialLines
-from test_kvm_state import wait_until
 from vmem_helpers import PLUG, UNPLUG, GiB, MiB, request
+from waiting import wait_until
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import ResponseType

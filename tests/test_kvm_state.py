@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import re
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from serial_lines import SerialLines
 from vmem_helpers import PLUG, GiB, MiB, request
+from waiting import wait_until
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import ResponseType
@@ -33,14 +32,6 @@ pytestmark = pytest.mark.kvm
 PLUGGED = 256 * MiB
 RAM = 256 * MiB
 ROUND = re.compile(r"hammer round=(\d+)")
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.005)
 
 
 class Run:
@@ -62,6 +53,14 @@ class Run:
         m = ROUND.search(line)
         if m:
             self.rounds.append(int(m[1]))
+
+    def goes_on_after(self, last: int) -> None:
+        """This (restored) guest prints the next rounds of the run whose last
+        printed round was ``last`` (a line every 64), not those of a new boot
+        (which would count from 64 again); a line the stop cut in two is lost."""
+        wait_until(lambda: len(self.rounds) >= 2, "the restored guest did not go on")
+        assert self.rounds[0] in (last + 64, last + 128), (last, self.rounds[:3])
+        assert self.rounds[1] == self.rounds[0] + 64
 
     def finish(self) -> None:
         self.machine.shutdown(0)
@@ -108,11 +107,7 @@ def test_a_stopped_guest_continues_in_a_new_vm(guest_elf: Path, mode: str) -> No
         assert (restored.regs, restored.sregs, restored.xsave, restored.xcrs) == \
             (vcpu_state.regs, vcpu_state.sregs, vcpu_state.xsave, vcpu_state.xcrs)
         target.thread.start()
-        wait_until(lambda: len(target.rounds) >= 2, "the restored guest did not go on")
-        # the next rounds of the same run (a line every 64), not a new boot (which
-        # would count from 64 again); a line cut in two by the pause is not seen
-        assert target.rounds[0] in (last + 64, last + 128), (last, target.rounds[:3])
-        assert target.rounds[1] == target.rounds[0] + 64
+        target.goes_on_after(last)
     finally:
         source.finish()
         if target is not None:

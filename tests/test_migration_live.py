@@ -14,12 +14,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from kvmmem.measure.soak import Qmp
 
@@ -27,17 +27,6 @@ pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUND = re.compile(r"hammer round=(\d+)")
-
-
-def wait_until(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 class Vm:

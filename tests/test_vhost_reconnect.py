@@ -8,12 +8,11 @@ after DEVICE_NEEDS_RESET, as Linux's virtio driver does).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from vhost_helpers import VIRTIO_BLK_T_OUT, GiB, HostBlkDriver, MiB, start_backend
+from waiting import wait_until
 
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.devices.virtio_mem_proto import Request, RequestType, Response
@@ -26,14 +25,6 @@ from kvmmem.vmm.machine import Machine, MachineConfig
 pytestmark = [pytest.mark.kvm, pytest.mark.vhost]
 
 RAM, RING, BLOCK = 256 * MiB, 0x8000000, 128 * MiB
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.01)
 
 
 def machine(guest_elf: Path, path: str, reconnect: int) -> Machine:
@@ -68,13 +59,13 @@ def test_the_disk_reconnects_when_its_backend_comes_back(guest_elf: Path, tmp_pa
         drv.setup()
         assert write(m, drv, 0x11) == 0
         first.kill()
-        wait_for(lambda: not disk.frontend.connected, "the back-end's death was not seen")
+        wait_until(lambda: not disk.frontend.connected, "the back-end's death was not seen")
         assert transport.read(int(Reg.STATUS), 4) & Status.DEVICE_NEEDS_RESET
         assert m.memory.budget.consumers == ("kvm",)
         assert plug(m, 0) == "ACK"                     # memory goes on meanwhile
         second = start_backend(tmp_path)               # the same socket path
         try:
-            wait_for(lambda: m.vhost.devices["disk0"].frontend.connected,
+            wait_until(lambda: m.vhost.devices["disk0"].frontend.connected,
                      "the device did not reconnect")
             assert m.reconnector is not None and m.reconnector.reconnects == 1
             disk = m.vhost.devices["disk0"]
@@ -103,7 +94,7 @@ def test_a_backend_that_comes_back_with_another_disk_is_refused(guest_elf: Path,
     try:
         disk = m.vhost.devices["disk0"]
         first.kill()
-        wait_for(lambda: not disk.frontend.connected, "the back-end's death was not seen")
+        wait_until(lambda: not disk.frontend.connected, "the back-end's death was not seen")
         with m.lock:
             assert m.vhost.reconnect("disk0") is False     # nobody listens yet
         second = start_backend(tmp_path, size=32 * MiB)

@@ -32,7 +32,7 @@ from kvmmem.vmm.machine_memory import MachineMemory
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 
 
-def _rss() -> int:
+def process_rss() -> int:
     """This process's resident set, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -61,7 +61,7 @@ def logging_case(backend: kmem.KmemBackend, mode: str, pattern: str,
             for offset, size in pattern_requests(pattern):
                 dev.memdev.populate(offset, size)
         dev.merge_memslots()
-        k0, rss0 = kernel(), _rss()
+        k0, rss0 = kernel(), process_rss()
         log = DirtyLog()
         t0 = time.perf_counter()
         machine.kvm_listener.start_dirty_log(log)
@@ -72,7 +72,7 @@ def logging_case(backend: kmem.KmemBackend, mode: str, pattern: str,
         for offset, size in pattern_requests(pattern):        # the most the VMM can hold
             log.mark(dev.memdev, offset, size)
         log.mark(machine.ram_host, 0, GIB)
-        k1, rss1 = kernel(), _rss()
+        k1, rss1 = kernel(), process_rss()
         yield {"kernel": k1 - k0, "rss": rss1 - rss0, "bitmap": log.bitmap_bytes,
                "memslots": len(vm.memslots), "enable_s": enable_s, "sync_s": sync_s}
         machine.kvm_listener.stop_dirty_log()

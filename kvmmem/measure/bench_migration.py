@@ -32,7 +32,7 @@ from typing import Any
 from kvmmem.devices.memslot_policy import MemslotMode
 from kvmmem.devices.virtio_mem import VirtioMemProps
 from kvmmem.measure import kmem
-from kvmmem.measure.bench_dirty_log import _rss
+from kvmmem.measure.bench_dirty_log import process_rss
 from kvmmem.memory import HostMemory
 from kvmmem.migration.machine_state import load_machine
 from kvmmem.migration.precopy import MigrationJob
@@ -76,14 +76,14 @@ def _settled(machine: Machine, guest: Path, output: list[bytes], plugged: int) -
 def _migrate(source: Machine, path: str, cgroup: kmem.MemCgroup) -> tuple[MigrationJob, int, int]:
     """One migration of ``source`` into ``path``; the job and the peaks of the
     kernel memory and RSS it added (sampled every 5 ms)."""
-    kernel0, rss0 = cgroup.kernel_bytes(), _rss()
+    kernel0, rss0 = cgroup.kernel_bytes(), process_rss()
     peaks = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peaks[0] = max(peaks[0], cgroup.kernel_bytes() - kernel0)
-            peaks[1] = max(peaks[1], _rss() - rss0)
+            peaks[1] = max(peaks[1], process_rss() - rss0)
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)

@@ -36,6 +36,7 @@ __all__ = ["MigrationError", "blockers", "load_machine", "machine_config", "msr_
            "save_machine", "send_range", "write_head", "write_tail"]
 
 CHUNK = 256 << 10                   # bytes of RAM read and sent at a time
+SEGMENT = 64 << 20                  # bytes whose page map is read at a time
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -84,12 +85,11 @@ def msr_indices(machine: Machine) -> list[int]:
     return readable_msrs(machine.vcpu, machine.kvm.get_msr_index_list())
 
 
-def write_tail(machine: Machine, out: StreamWriter, msrs: list[int] | None = None) -> None:
+def write_tail(machine: Machine, out: StreamWriter) -> None:
     """The state of KVM, the vCPU, the UART and the transports, then END
     (the vCPU must be stopped)."""
     out.json(Kind.STATE, "kvm", _vm_json(save_vm(machine.vm)))
-    indices = msr_indices(machine) if msrs is None else msrs
-    out.json(Kind.STATE, "cpu", [_vcpu_json(save_vcpu(machine.vcpu, indices))])
+    out.json(Kind.STATE, "cpu", [_vcpu_json(save_vcpu(machine.vcpu, msr_indices(machine)))])
     out.json(Kind.STATE, "serial", machine.serial.save_state())
     for transport in machine.transports:
         out.json(Kind.STATE, transport.name, transport.save_state())
@@ -117,26 +117,30 @@ def send_range(out: StreamWriter, host: HostMemory, offset: int, size: int,
                skip_zero: bool = True, each_chunk: Callable[[], None] | None = None) -> None:
     """``[offset, offset + size)`` of ``host`` as RAM sections, zero pages left
     out unless ``skip_zero`` is False (a page sent before may have become zero);
-    ``each_chunk`` is called before each chunk (a migration checks for a cancel
-    and keeps to its bandwidth there)."""
-    for start in range(offset, offset + size, CHUNK):
-        if each_chunk is not None:
-            each_chunk()
-        length = min(CHUNK, offset + size - start)
-        if not skip_zero:
-            out.ram(host.name, start, host.read(start, length))
-            continue
-        maybe = host.maybe_data(start, length)     # never-touched pages are not read
+    ``each_chunk`` is called before each chunk read (a migration checks for a
+    cancel and keeps to its bandwidth there)."""
+    pace = each_chunk or (lambda: None)
+    if not skip_zero:
+        for start in range(offset, offset + size, CHUNK):
+            pace()
+            out.ram(host.name, start, host.read(start, min(CHUNK, offset + size - start)))
+        return
+    chunk_pages = CHUNK // PAGE_SIZE
+    for segment in range(offset, offset + size, SEGMENT):
+        pace()
+        # one look at the page map per segment: never-touched pages are not read
+        maybe = host.maybe_data(segment, min(SEGMENT, offset + size - segment))
         page = 0
         while page < len(maybe):
             if not maybe[page]:
                 page += 1
                 continue
             end = page
-            while end < len(maybe) and maybe[end]:
+            while end < len(maybe) and maybe[end] and end - page < chunk_pages:
                 end += 1
-            _send_nonzero(out, host, start + page * PAGE_SIZE,
-                          host.read(start + page * PAGE_SIZE, (end - page) * PAGE_SIZE))
+            pace()
+            start = segment + page * PAGE_SIZE
+            _send_nonzero(out, host, start, host.read(start, (end - page) * PAGE_SIZE))
             page = end
 
 

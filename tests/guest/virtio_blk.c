@@ -83,13 +83,20 @@ static void fill_n(u64 buf, u64 disk_offset, u64 invert, u64 size)
 
 static void fill(u64 buf, u64 disk_offset, u64 invert) { fill_n(buf, disk_offset, invert, IO_SIZE); }
 
-/* The first word of buf that does not hold the pattern of disk_offset, or 0. */
-static u64 mismatch(u64 buf, u64 disk_offset, u64 size)
+/* A transfer's end: its status must be 0 (else fail) and buf must hold the
+ * pattern of disk_offset (else print the first wrong word and exit 1). */
+static void check_read(u8 st, u64 buf, u64 disk_offset, u64 size)
 {
+	if (st != 0) {
+		puts("error: virtio-blk status "); putdec(st);
+		fail("");
+	}
 	for (u64 i = 0; i < size; i += 8)
-		if (rd64(buf + i) != ((disk_offset + i) ^ BLK_KEY))
-			return buf + i;
-	return 0;
+		if (rd64(buf + i) != ((disk_offset + i) ^ BLK_KEY)) {
+			puts("blk mismatch at "); puthex(buf + i); puts(": "); puthex(rd64(buf + i));
+			putc('\n');
+			finish(1);
+		}
 }
 
 static void blk_setup(u64 base, u64 sectors_needed, struct mem_config *c)
@@ -133,15 +140,7 @@ void blk_rounds(u64 base, u64 rounds)
 		u8 st = blk_io(T_OUT, sector, wbuf);
 		if (st == 0)
 			st = blk_io(T_IN, sector, rbuf);
-		if (st != 0) {
-			puts("error: virtio-blk status "); putdec(st);
-			fail("");
-		}
-		u64 bad = mismatch(rbuf, sector * 512, IO_SIZE);
-		if (bad) {
-			puts("blk mismatch at "); puthex(bad); puts(": "); puthex(rd64(bad)); putc('\n');
-			finish(1);
-		}
+		check_read(st, rbuf, sector * 512, IO_SIZE);
 		puts("blk round "); putdec(r); puts(": sector "); putdec(sector);
 		puts(" written from "); puthex(wbuf); puts(" read into "); puthex(rbuf); puts(" ok\n");
 		mem_block(UNPLUG, w);
@@ -186,15 +185,7 @@ void blk_inflight(u64 base, u64 rounds)
 			mem_block(UNPLUG, a + 6 * bs);
 			st = blk_wait();
 		}
-		if (st != 0) {
-			puts("error: virtio-blk status "); putdec(st);
-			fail("");
-		}
-		u64 bad = mismatch(rbuf, sector * 512, INFLIGHT);
-		if (bad) {
-			puts("blk mismatch at "); puthex(bad); puts(": "); puthex(rd64(bad)); putc('\n');
-			finish(1);
-		}
+		check_read(st, rbuf, sector * 512, INFLIGHT);
 		puts("blk inflight round "); putdec(r); puts(": sector "); putdec(sector); puts(" ok\n");
 		if (mem_request(UNPLUG_ALL, 0, 0) != ACK)
 			fail("error: UNPLUG_ALL refused");
