@@ -133,14 +133,25 @@ def test_a_snapshot_over_qmp_restores_with_incoming_file(vms, tmp_path: Path,  #
     # a stream that is not one is refused in one line, status 1
     bad = tmp_path / "bad"
     bad.write_bytes(path.read_bytes()[:1000])
-    out = subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "256M,maxmem=17G",
-                          "-object", "memory-backend-ram,id=mem0,size=16G",
-                          "-device", "virtio-mem,id=vmem0,memdev=mem0,memslots=exact",
-                          "-kernel", str(guest_elf), "-incoming", f"file:{bad}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = run_incoming(guest_elf, f"file:{bad}")
     assert out.returncode == 1 and out.stderr.startswith("kvmmem run: -incoming: "), out.stderr
     assert "Traceback" not in out.stderr
+    # a file that is not a socket is never replaced by the one to listen on
+    kept = tmp_path / "kept"
+    kept.write_text("the user's")
+    out = run_incoming(guest_elf, f"unix:{kept}")
+    assert out.returncode == 1 and "exists and is not a socket" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and kept.read_text() == "the user's"
+
+
+def run_incoming(guest_elf: Path, uri: str) -> subprocess.CompletedProcess[str]:
+    """``kvmmem run -incoming URI`` expected to refuse at once."""
+    return subprocess.run([sys.executable, "-m", "kvmmem", "run", "-m", "256M,maxmem=17G",
+                           "-object", "memory-backend-ram,id=mem0,size=16G",
+                           "-device", "virtio-mem,id=vmem0,memdev=mem0,memslots=exact",
+                           "-kernel", str(guest_elf), "-incoming", uri],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_a_cancelled_migration_leaves_the_source_running(vms, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

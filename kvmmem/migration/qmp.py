@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from kvmmem.vmm.machine import Machine
 from kvmmem.vmm.qmp import QmpServer
 from kvmmem.vmm.qmp_commands import Command, MachineMonitor
 from kvmmem.vmm.qmp_protocol import QmpError
+from kvmmem.vmm.qmp_socket import listen_unix, unlink_if
 
 __all__ = ["MigrationCommands", "incoming", "open_outgoing", "run_extension"]
 
@@ -170,12 +170,10 @@ def incoming(machine: Machine, uri: str, stop: Callable[[], bool] = lambda: Fals
             load_machine(machine, StreamReader(f))
             return time.monotonic() - t0
     if kind == "unix" and rest:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The path appears only once it listens; a file there that is not a
+        # stale socket is refused and kept (listen_unix).
+        listener, inode = listen_unix(rest, 1)
         try:
-            if os.path.exists(rest):
-                os.unlink(rest)
-            listener.bind(rest)
-            listener.listen(1)
             listener.settimeout(0.2)
             deadline = time.monotonic() + INCOMING_TIMEOUT
             while True:
@@ -192,8 +190,7 @@ def incoming(machine: Machine, uri: str, stop: Callable[[], bool] = lambda: Fals
                 return time.monotonic() - t0
         finally:
             listener.close()
-            if os.path.exists(rest):
-                os.unlink(rest)
+            unlink_if(rest, inode)
     if kind == "exec" and rest:
         proc = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE)
         assert proc.stdout is not None

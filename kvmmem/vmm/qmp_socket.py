@@ -10,6 +10,7 @@ replaced, as QEMU does, unless something that does not take the lock (a
 QEMU, say) still listens on it. On release the socket, then the lock file,
 is removed; a taker checks that the file it locked is still the one at the
 path, so a lock file removed in between is never shared by two servers.
+The socket appears at ``PATH`` only once it listens (``listen_unix``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class SocketOwner:
             raise QmpServerError(f"QMP socket path {path!r} must have 1 to {UNIX_PATH_MAX} bytes")
         self._lock()
         try:
-            self._clear_stale()
-            return self._listen()
+            sock, self._inode = listen_unix(path, BACKLOG)
+            return sock
         except BaseException:
             self.release()
             raise
@@ -53,11 +54,11 @@ class SocketOwner:
     def release(self) -> None:
         """Remove the socket if it is still ours, then the lock file."""
         if self._inode is not None:
-            _unlink_if(self.path, self._inode)
+            unlink_if(self.path, self._inode)
             self._inode = None
         if self._lock_fd is not None:
             st = os.fstat(self._lock_fd)
-            _unlink_if(self.lock_path, (st.st_dev, st.st_ino))
+            unlink_if(self.lock_path, (st.st_dev, st.st_ino))
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -88,33 +89,72 @@ class SocketOwner:
                 return
             os.close(fd)          # its owner removed it as we locked it: take the new one
 
-    def _clear_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise QmpServerError(f"{self.path} exists and is not a socket; not replacing it")
-        if _is_listening(self.path):
-            raise QmpServerError(f"{self.path}: another process is serving on this socket")
-        os.unlink(self.path)       # left over from a process that is gone, as QEMU does
+def listen_unix(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
+    """A socket listening at ``path`` (mode 0600, non-blocking) and the
+    inode of its file. A socket file at ``path`` that nobody listens on is
+    replaced, as QEMU does; any other file, or a live listener, is refused
+    (QmpServerError) and left alone.
 
-    def _listen(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # On Linux the socket file takes the socket inode's mode, so the
-            # file is never reachable by others, not even between bind and chmod.
-            os.fchmod(sock.fileno(), SOCKET_MODE)
-            sock.bind(self.path)
-            os.chmod(self.path, SOCKET_MODE)
-            st = os.stat(self.path)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._inode = (st.st_dev, st.st_ino)
-        return sock
+    The socket is bound under a side name and renamed to ``path`` only once it
+    listens: a client that waits for the path to appear, then connects (as
+    scripts and tests do), is never refused by a socket that is bound but not
+    yet listening. The caller keeps others off ``path`` (a lock, a private
+    directory), which makes ``PATH~`` its own too."""
+    _clear_stale(path)
+    side = _side_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bound = False
+    try:
+        # On Linux the socket file takes the socket inode's mode, so the
+        # file is never reachable by others, not even between bind and chmod.
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(side)
+        bound = True
+        os.chmod(side, SOCKET_MODE)
+        st = os.stat(side)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        if side != path:
+            os.rename(side, path)
+    except BaseException:
+        if bound and side != path:
+            try:
+                os.unlink(side)
+            except FileNotFoundError:
+                pass
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _clear_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise QmpServerError(f"{path} exists and is not a socket; not replacing it")
+    if _is_listening(path):
+        raise QmpServerError(f"{path}: another process is serving on this socket")
+    os.unlink(path)       # left over from a process that is gone, as QEMU does
+
+
+def _side_path(path: str) -> str:
+    """``PATH~`` to bind before the rename; a socket left there by a process
+    that died is removed. Where it does not fit a socket address, or some
+    other file (or a live listener) is there, ``path`` itself is bound:
+    listening then follows binding at once."""
+    side = path + "~"
+    if len(os.fsencode(side)) > UNIX_PATH_MAX:
+        return path
+    try:
+        st = os.lstat(side)
+    except FileNotFoundError:
+        return side
+    if not stat.S_ISSOCK(st.st_mode) or _is_listening(side):
+        return path
+    os.unlink(side)
+    return side
 
 
 def _is_listening(path: str) -> bool:
@@ -134,7 +174,8 @@ def _is_listening(path: str) -> bool:
         probe.close()
 
 
-def _unlink_if(path: str, inode: tuple[int, int]) -> None:
+def unlink_if(path: str, inode: tuple[int, int]) -> None:
+    """Remove ``path`` if it is still the file ``inode`` names."""
     try:
         st = os.lstat(path)
         if (st.st_dev, st.st_ino) == inode:
