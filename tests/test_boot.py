@@ -214,7 +214,10 @@ def test_pc_layout_gives_e820_boot_ram_and_identity_map_end() -> None:
     assert layout.e820() == [(0, 0x9FC00, 1), (MIB, 3 * GIB - MIB, 1), (4 * GIB, GIB, 1)]
     assert [(r.range.start, r.range.size, r.ram_offset) for r in layout.boot_ram()] == [
         (0, 3 * GIB, 0), (4 * GIB, GIB, 3 * GIB)]
-    assert layout.identity_map_end == 9 * GIB      # device memory: 4 GiB from 5 GiB
+    # device memory (4 GiB from 5 GiB) is the kernel's to map: boot RAM only
+    assert layout.identity_map_end == 5 * GIB and layout.end == 9 * GIB
+    huge = MachineMemoryMap(256 * MIB, maxmem=64 * 1024 * GIB)
+    assert huge.identity_map_end == 4 * GIB and huge.end > 64 * 1024 * GIB
     assert MachineMemoryMap(64 * MIB).identity_map_end == 4 * GIB
     assert MachineMemoryMap(64 * MIB).e820() == [(0, 0x9FC00, 1), (MIB, 63 * MIB, 1)]
     with pytest.raises(BootError):

@@ -14,13 +14,16 @@ import time
 
 import pytest
 from qmp_client import QmpClient
-from tiny_guest import elf, read_forever
+from tiny_guest import elf, load_cr3, read_forever
 
+from kvmmem.kvm import x86
 from kvmmem.vmm.unplugged import KEEP, LOG_INTERVAL, UnpluggedAccess, UnpluggedAccessLog
 
 MiB, GiB = 1 << 20, 1 << 30
 TIMEOUT = 30
 POINTER = 0x31000
+TABLES = 0x1000000
+"""The guest's own identity map, covering device memory (16 MiB, in RAM)."""
 ACCESSES = 5_000
 
 
@@ -53,13 +56,14 @@ def test_guest_looping_over_unplugged_memory_leaves_the_vmm_bounded(tmp_path, ca
 
     caplog.set_level(logging.WARNING)
     kernel = tmp_path / "reader.elf"
-    kernel.write_bytes(elf(read_forever(POINTER)))
+    kernel.write_bytes(elf(load_cr3(TABLES) + read_forever(POINTER)))
     device = VirtioMemProps(id="vmem0", memdev=HostMemory(GiB, "mem0"), memslots="dynamic")
     machine = Machine(MachineConfig(ram_size=64 * MiB, kernel=str(kernel),
                                     maxmem=64 * MiB + 2 * GiB, memory_devices=[device]))
     dev = machine.devices["vmem0"]
     target = dev.addr + 3 * dev.block_size                     # never plugged
     machine.memory.ram_host.write(POINTER, struct.pack("<Q", target))
+    machine.memory.ram_host.write(TABLES, x86.identity_page_tables(TABLES, dev.addr + dev.region_size))
     status: list[int] = []
     thread = threading.Thread(target=lambda: status.append(machine.run()))
     try:
@@ -70,6 +74,7 @@ def test_guest_looping_over_unplugged_memory_leaves_the_vmm_bounded(tmp_path, ca
             while machine.unplugged.count < ACCESSES:
                 client.execute("query-status")             # and take the events that came
                 assert thread.is_alive()
+                assert time.monotonic() - start < TIMEOUT, (machine.unplugged.count, machine.resets)
             client.execute("stop")
             elapsed = time.monotonic() - start
             events = [e for e in client.events if e["event"] == "X_KVMMEM_UNPLUGGED_ACCESS"]

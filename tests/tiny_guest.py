@@ -68,6 +68,12 @@ def flood(source: int = LOAD_ADDR, count: int = 4096) -> bytes:
             + b"\xf3\x6e\xeb\xf2")                               # rep outsb; jmp 1
 
 
+def load_cr3(tables: int) -> bytes:
+    """Switch to page tables the test wrote at ``tables`` (below 4 GiB): the
+    loader's identity map covers boot RAM only, not device memory."""
+    return b"\xb8" + struct.pack("<I", tables) + b"\x0f\x22\xd8"   # mov eax, t; mov cr3, rax
+
+
 def read_forever(pointer: int) -> bytes:
     """Read, again and again, the 8 bytes at the address stored at ``pointer``
     (the test writes it to guest RAM before the guest runs)."""

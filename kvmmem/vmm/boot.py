@@ -16,7 +16,10 @@ guest-physical          contents
 0x20000 - 0x20fff       command line, NUL-terminated (at most 4095 bytes)
 top of RAM below 4 GiB  identity page tables, 2 MiB pages, [0, map_size):
                         PML4, PDPTs, one page directory per GiB (placed at the
-                        highest RAM below 4 GiB not used by the kernel)
+                        highest RAM below 4 GiB not used by the kernel);
+                        the pc machine's map_size is the end of boot RAM, at
+                        least 4 GiB: device memory is the kernel's to map, so
+                        these tables do not grow with maxmem
 kernel's ``p_paddr``    the kernel (must stay clear of everything above)
 ======================  ====================================================
 
@@ -390,8 +393,8 @@ def set_boot_registers(vcpu: Vcpu, layout: BootLayout) -> None:
 def boot(vcpu: Vcpu, write_phys: WritePhys, kernel: bytes | str | os.PathLike[str] | ElfImage,
          cmdline: str | bytes, e820: Sequence[tuple[int, int, int]], map_size: int) -> BootLayout:
     """Load ``kernel``, write the loader's structures and set ``vcpu`` up
-    for its 64-bit entry; ``map_size`` is the end of the identity map (the
-    end of device memory, at least 4 GiB). Returns where things went."""
+    for its 64-bit entry; ``map_size`` is the end of the identity map (at
+    least the end of RAM and 4 GiB). Returns where things went."""
     return apply_boot(vcpu, write_phys, prepare_boot(kernel, cmdline, e820, map_size))
 
 

@@ -224,7 +224,7 @@ def _machine(text: str) -> int | None:
 
 def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
     """The pc memory map ``-m`` asks for, checked before anything is mapped:
-    its rules, and an end the boot page tables can map (QEMU checks maxmem
+    its rules, and an end a guest with 4-level paging can map (QEMU checks maxmem
     against the CPU's physical address bits the same way)."""
     from kvmmem.devices.memory_device import MemoryDeviceError
     from kvmmem.vmm.boot import MAX_MAP_SIZE
@@ -234,10 +234,10 @@ def _check_memory_map(ram: int, maxmem: int | None, slots: int) -> None:
         layout = MachineMemoryMap(ram, maxmem, slots)
     except MemoryDeviceError as exc:
         raise OptionError("-m", str(exc)) from None
-    end = layout.identity_map_end
+    end = layout.end
     if end > MAX_MAP_SIZE:
         raise OptionError("-m", f"the memory map ends at {end:#x}, beyond the {MAX_MAP_SIZE:#x} "
-                                "bytes of guest-physical address space the machine maps")
+                                "bytes of guest-physical address space a 4-level guest maps")
 
 
 # QEMU's memory-backend properties (qemu-options.hx, "-object memory-backend-*"):

@@ -117,7 +117,15 @@ class MachineMemoryMap:
 
     @property
     def identity_map_end(self) -> int:
-        """Where the loader's identity map of guest memory ends: all RAM and
-        device memory, and at least the 4 GiB below the MMIO window's end."""
-        ends = [FOUR_GIB] + [r.end for r in self.regions()]
-        return max(ends)
+        """Where the loader's identity map of guest memory ends: all boot RAM
+        and at least the 4 GiB below the MMIO window's end. Device memory is
+        not in it: a kernel maps what it plugs (Linux builds its own page
+        tables; the test guest maps on a page fault), so the boot page tables
+        and the RAM they take do not grow with maxmem."""
+        high = self.ram_above_4g
+        return max(FOUR_GIB, high.end if high else 0)
+
+    @property
+    def end(self) -> int:
+        """Where the memory map ends: RAM, or device memory above it."""
+        return max([FOUR_GIB] + [r.end for r in self.regions()])

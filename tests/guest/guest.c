@@ -2,8 +2,8 @@
  * kvmmem test guest: tiny virtio-mem and virtio-blk drivers over virtio-mmio.
  *
  * Booted by kvmmem/vmm/boot.py (Linux x86-64 64-bit boot protocol: long
- * mode, identity map covering RAM, the MMIO window and device memory,
- * RSI = zero page). It reads the command line from the zero page, finds
+ * mode, identity map covering RAM and the MMIO window, RSI = zero page;
+ * device memory is mapped on its first page fault, page_fault below). It reads the command line from the zero page, finds
  * the virtio-mem device, and follows requested_size the way Linux's
  * driver does (virtio_mem.c), printing one line per step on the 16550 UART
  * at 0x3f8; or, with kvmmem.blk=, does block I/O through plugged memory
@@ -201,7 +201,7 @@ static void find_devices(const char *cmdline)
 
 struct idt_entry { u16 off0, sel; u8 ist, type; u16 off1; u32 off2, zero; };
 static struct idt_entry idt[256] __attribute__((aligned(16)));
-extern char exc_stubs[], unexpected_stub[], irq_stub[], spurious_stub[];
+extern char exc_stubs[], unexpected_stub[], irq_stub[], spurious_stub[], pf_stub[];
 
 static void set_gate(int v, void *fn)
 {
@@ -222,6 +222,49 @@ void trap_fatal(u32 vector, u64 *frame)
 	finish(1);
 }
 
+/* -- device memory: mapped on first touch -------------------------------------
+ * The loader's identity map covers boot RAM and the 4 GiB below the MMIO
+ * window's end only (kvmmem/vmm/boot.py), as a Linux kernel needs: device
+ * memory is the kernel's to map. A not-present fault maps the faulting
+ * address's GiB 1:1 with 2 MiB pages, from a pool of page-table pages;
+ * anything else is fatal. One CPU and the fault handler alone writes the
+ * tables, so an entry may be linked before its table is filled. */
+
+#define PT_PAGES 64
+#define PTE_P 1UL
+#define PTE_W 2UL
+#define PTE_PS 0x80UL
+#define PTE_ADDR 0x000ffffffffff000UL
+static u64 pt_pool[PT_PAGES][512] __attribute__((aligned(4096)));
+static u32 pt_used;
+
+/* The table *entry points to, a new (zeroed) one if it is not present. */
+static u64 *next_table(u64 *entry)
+{
+	if (!(*entry & PTE_P)) {
+		if (pt_used == PT_PAGES)
+			fail("error: page-table pool exhausted");
+		*entry = (u64)pt_pool[pt_used++] | PTE_P | PTE_W;
+	}
+	return (u64 *)(*entry & PTE_ADDR);
+}
+
+void page_fault(u64 addr, u64 *frame)
+{
+	u64 cr3;
+	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+	if ((frame[0] & 1) || addr >> 47)	/* a protection fault, or not low canonical */
+		trap_fatal(14, frame);
+	u64 *pml4 = (u64 *)(cr3 & PTE_ADDR);
+	u64 *pde = next_table(&pml4[(addr >> 39) & 511]) + ((addr >> 30) & 511);
+	if (*pde & PTE_P)			/* mapped already: a real fault */
+		trap_fatal(14, frame);
+	u64 *pd = next_table(pde);
+	u64 gib = addr & ~((1UL << 30) - 1);
+	for (u64 i = 0; i < 512; i++)
+		pd[i] = (gib + i * (2 * MIB)) | PTE_P | PTE_W | PTE_PS;
+}
+
 static void ioapic_write(u32 reg, u32 v) { wr32(IOAPIC, reg); wr32(IOAPIC + 0x10, v); }
 
 /* Route the virtio-mem device's pin to irq_stub (start.S -> irq_handler). */
@@ -231,6 +274,7 @@ static void init_interrupts(u32 irq)
 	outb(0xa1, 0xff);
 	for (int v = 0; v < 256; v++)
 		set_gate(v, v < 32 ? exc_stubs + 16 * v : unexpected_stub);
+	set_gate(14, pf_stub);
 	set_gate(IRQ_VECTOR, irq_stub);
 	set_gate(0xff, spurious_stub);
 	struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (u64)idt };

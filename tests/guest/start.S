@@ -63,6 +63,38 @@ irq_stub:
 	popq	%rax
 	iretq
 
+/* Page faults (vector 14, with an error code): page_fault(cr2, frame)
+ * maps device memory on first touch and returns, or reports and exits. The
+ * 8 bytes below the saved registers keep the stack 16-aligned at the call. */
+	.globl	pf_stub
+pf_stub:
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	pushq	%rsi
+	pushq	%rdi
+	pushq	%r8
+	pushq	%r9
+	pushq	%r10
+	pushq	%r11
+	subq	$8, %rsp
+	cld
+	movq	%cr2, %rdi
+	leaq	80(%rsp), %rsi
+	call	page_fault
+	addq	$8, %rsp
+	popq	%r11
+	popq	%r10
+	popq	%r9
+	popq	%r8
+	popq	%rdi
+	popq	%rsi
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	addq	$8, %rsp		/* the error code */
+	iretq
+
 /* LAPIC spurious vector: no EOI. */
 	.globl	spurious_stub
 spurious_stub:
