@@ -17,6 +17,30 @@ _start:
 1:	hlt
 	jmp	1b
 
+/* The registers a C function may clobber (SysV ABI), around a call from a trap. */
+	.macro	SAVE_SCRATCH
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	pushq	%rsi
+	pushq	%rdi
+	pushq	%r8
+	pushq	%r9
+	pushq	%r10
+	pushq	%r11
+	.endm
+	.macro	RESTORE_SCRATCH
+	popq	%r11
+	popq	%r10
+	popq	%r9
+	popq	%r8
+	popq	%rdi
+	popq	%rsi
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	.endm
+
 	.text
 /* Exceptions 0-31: one 16-byte stub each, exc_stubs + 16 * vector. */
 	.globl	exc_stubs
@@ -41,26 +65,10 @@ unexpected_stub:
 /* The virtio-mmio device's vector: save what C may clobber, call irq_handler. */
 	.globl	irq_stub
 irq_stub:
-	pushq	%rax
-	pushq	%rcx
-	pushq	%rdx
-	pushq	%rsi
-	pushq	%rdi
-	pushq	%r8
-	pushq	%r9
-	pushq	%r10
-	pushq	%r11
+	SAVE_SCRATCH
 	cld
 	call	irq_handler
-	popq	%r11
-	popq	%r10
-	popq	%r9
-	popq	%r8
-	popq	%rdi
-	popq	%rsi
-	popq	%rdx
-	popq	%rcx
-	popq	%rax
+	RESTORE_SCRATCH
 	iretq
 
 /* Page faults (vector 14, with an error code): page_fault(cr2, frame)
@@ -68,30 +76,14 @@ irq_stub:
  * 8 bytes below the saved registers keep the stack 16-aligned at the call. */
 	.globl	pf_stub
 pf_stub:
-	pushq	%rax
-	pushq	%rcx
-	pushq	%rdx
-	pushq	%rsi
-	pushq	%rdi
-	pushq	%r8
-	pushq	%r9
-	pushq	%r10
-	pushq	%r11
+	SAVE_SCRATCH
 	subq	$8, %rsp
 	cld
 	movq	%cr2, %rdi
 	leaq	80(%rsp), %rsi
 	call	page_fault
 	addq	$8, %rsp
-	popq	%r11
-	popq	%r10
-	popq	%r9
-	popq	%r8
-	popq	%rdi
-	popq	%rsi
-	popq	%rdx
-	popq	%rcx
-	popq	%rax
+	RESTORE_SCRATCH
 	addq	$8, %rsp		/* the error code */
 	iretq
 
