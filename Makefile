@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXT    := kvmmem/.cffi-built
 CDEFS  := $(wildcard cdefs/*.h) cdefs/build_kvm.py
 
-.PHONY: all demo test test-slow bench clean distclean linux-guest test-linux
+.PHONY: all demo test test-slow bench bench-linux clean distclean linux-guest test-linux
 
 include tests/guest/Makefile.inc
 
@@ -74,6 +74,14 @@ bench: $(EXT) $(BENCH_STAMP)
 	$(PY) scripts/plot_slots.py bench-results/slots-1t.json -o docs/slots-1t.png
 	$(PY) scripts/bench_slots.py --from-json bench-results/slots-1t.json \
 		bench-results/slots-64t.json --markdown docs/bench-slots.md
+
+# Live migration of the Linux test kernel (issue 21), with QEMU 10's beside it
+# where /opt/qemu10 holds one (kvmmem/measure/bench_qemu_migration.py says how)
+QEMU10 := /opt/qemu10/usr/bin/qemu-system-x86_64
+bench-linux: $(EXT) $(BENCH_STAMP) linux-guest
+	$(PY) scripts/bench_migration.py --linux --device-sizes 1T,64T
+	@if [ -x $(QEMU10) ]; then $(PY) scripts/bench_qemu_migration.py --qemu $(QEMU10); \
+	else echo "QEMU 10 is not at $(QEMU10): its side is left out"; fi
 
 clean:
 	rm -rf build kvmmem/_kvm_cffi*.so kvmmem/_kvm_cffi.c $(EXT) .pytest_cache
