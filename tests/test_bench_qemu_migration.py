@@ -18,11 +18,12 @@ def test_the_guest_command_line_drops_kvmmem_devices_and_adds_a_console() -> Non
 
 def test_qemu_gets_the_device_and_the_mode_asked_for(tmp_path: Path) -> None:
     qemu = tmp_path / "usr" / "bin" / "qemu-system-x86_64"
-    cmd = qemu_command(qemu, True, 1 << 40, 1 << 30, "serial", "qmp.sock", incoming=True)
+    cmd = qemu_command(qemu, True, 1 << 40, 1 << 30, "serial", "qmp.sock", incoming=True,
+                       cmdline="noxsave")
     assert "virtio-mem-pci,id=vmem0,memdev=mem0,requested-size=1024M,dynamic-memslots=on" in cmd
     assert cmd[cmd.index("-m") + 1] == "256M,maxmem=1048832M,slots=1"
     assert cmd[-2:] == ["-incoming", "defer"]
-    off = qemu_command(qemu, False, 1 << 40, 1 << 30, "serial", "qmp.sock")
+    off = qemu_command(qemu, False, 1 << 40, 1 << 30, "serial", "qmp.sock", cmdline="noxsave")
     assert any("dynamic-memslots=off" in a for a in off) and "-incoming" not in off
 
 

@@ -130,8 +130,12 @@ def qemu_env(qemu: Path) -> dict[str, str]:
 
 
 def qemu_command(qemu: Path, dynamic: bool, device_size: int, plugged: int, serial: str,
-                 qmp: str, cpu: str = "host", incoming: bool = False) -> list[str]:
-    """The QEMU command line for the test kernel with one virtio-mem device."""
+                 qmp: str, cpu: str = "host", incoming: bool = False,
+                 cmdline: str | None = None) -> list[str]:
+    """The QEMU command line for the test kernel with one virtio-mem device
+    (``cmdline``: the kernel's, build/linux/cmdline when not given)."""
+    if cmdline is None:
+        cmdline = LINUX_CMDLINE.read_text()
     share = qemu.resolve().parents[1] / "share"
     firmware = [arg for d in (share / "seabios", share / "qemu") if d.is_dir() for arg in ("-L", str(d))]
     cmd = [str(qemu), *firmware, "-enable-kvm", "-machine", "pc", "-cpu", cpu,
@@ -139,7 +143,7 @@ def qemu_command(qemu: Path, dynamic: bool, device_size: int, plugged: int, seri
            "-object", f"memory-backend-ram,id=mem0,size={device_size // MIB}M,reserve=off",
            "-device", f"virtio-mem-pci,id=vmem0,memdev=mem0,requested-size={plugged // MIB}M,"
                       f"dynamic-memslots={'on' if dynamic else 'off'}",
-           "-kernel", str(LINUX), "-append", guest_cmdline(LINUX_CMDLINE.read_text()),
+           "-kernel", str(LINUX), "-append", guest_cmdline(cmdline),
            "-serial", f"file:{serial}", "-qmp", f"unix:{qmp},server=on,wait=off",
            "-display", "none", "-nodefaults"]
     if incoming:
