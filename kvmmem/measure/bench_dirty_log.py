@@ -32,12 +32,16 @@ from kvmmem.vmm.machine_memory import MachineMemory
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 
 
-def process_rss() -> int:
-    """This process's resident set, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def process_rss(pid: int | str = "self") -> int:
+    """The resident set of process ``pid`` (this one by default), in bytes;
+    0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 

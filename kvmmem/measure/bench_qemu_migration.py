@@ -93,6 +93,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmmem.measure import kmem
+from kvmmem.measure.bench_dirty_log import process_rss
 from kvmmem.measure.soak import Qmp
 
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
@@ -149,18 +150,6 @@ def qemu_command(qemu: Path, dynamic: bool, device_size: int, plugged: int, seri
     if incoming:
         cmd += ["-incoming", "defer"]
     return cmd
-
-
-def pid_rss(pid: int) -> int:
-    """Resident set of process ``pid``, in bytes (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Qemu:
@@ -261,14 +250,14 @@ def _migrate(qemu: Qemu, uri: str) -> tuple[dict[str, Any], int, int]:
     """One migration of ``qemu`` to ``uri``; ``query-migrate``'s final
     answer and the peaks of the kernel memory and RSS it added (sampled every
     5 ms)."""
-    kernel0, rss0 = qemu.cgroup.kernel_bytes(), pid_rss(qemu.pid)
+    kernel0, rss0 = qemu.cgroup.kernel_bytes(), process_rss(qemu.pid)
     peaks = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peaks[0] = max(peaks[0], qemu.cgroup.kernel_bytes() - kernel0)
-            peaks[1] = max(peaks[1], pid_rss(qemu.pid) - rss0)
+            peaks[1] = max(peaks[1], process_rss(qemu.pid) - rss0)
             time.sleep(SAMPLE_S)
 
     sampler = threading.Thread(target=sample)
